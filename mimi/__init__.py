@@ -1,0 +1,8 @@
+"""Kyutai's Mimi neural audio codec in plain PyTorch: 24 kHz mono ↔ 12.5 Hz codes (up to 32 codebooks)."""
+
+from .checkpoint import CheckpointError, load_mimi, random_state_dict, save_checkpoint, write_random_checkpoint
+from .config import MimiConfig
+from .model import MimiModel
+
+__all__ = ["CheckpointError", "MimiConfig", "MimiModel", "load_mimi", "random_state_dict", "save_checkpoint",
+           "write_random_checkpoint"]

@@ -1,0 +1,110 @@
+"""Mimi: SEANet encoder → transformer (25 Hz) → stride-2 downsample (12.5 Hz) → split RVQ, and back."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import MimiConfig
+from .quantizer import SplitResidualVQ
+from .seanet import CausalConv1d, CausalConvTranspose1d, SEANetDecoder, SEANetEncoder
+from .transformer import Transformer
+
+
+class MimiModel(nn.Module):
+    def __init__(self, cfg: MimiConfig = MimiConfig()):
+        super().__init__()
+        self.config = cfg
+        self.encoder = SEANetEncoder(cfg)
+        self.encoder_transformer = Transformer(cfg)
+        stride = cfg.downsample_stride
+        self.downsample = CausalConv1d(cfg.dimension, cfg.dimension, 2 * stride, stride, bias=False,
+                                       pad_mode="replicate")
+        self.quantizer = SplitResidualVQ(cfg)
+        self.upsample = CausalConvTranspose1d(cfg.dimension, cfg.dimension, 2 * stride, stride,
+                                              groups=cfg.dimension, bias=False)
+        self.decoder_transformer = Transformer(cfg)
+        self.decoder = SEANetDecoder(cfg)
+        # Provenance, filled in by `load_mimi`.
+        self.source: str | None = None
+        self.revision: str | None = None
+        self.weights_sha256: str | None = None
+
+    sample_rate = property(lambda self: self.config.sample_rate)
+    frame_rate = property(lambda self: self.config.frame_rate)
+    frame_size = property(lambda self: self.config.frame_size)
+
+    @property
+    def max_codebooks(self) -> int:
+        return self.quantizer.max_codebooks
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames a clip of ``num_samples`` owns: ceil(n / 1920)."""
+        return math.ceil(num_samples / self.frame_size)
+
+    @torch.inference_mode()
+    def encode(self, wav: torch.Tensor, lengths: torch.Tensor | list[int] | None = None, num_codebooks: int = 8,
+               *, chunk_frames: int | None = 150) -> torch.Tensor:
+        """Encode 24 kHz audio to codes.
+
+        wav: float [B, 1, T], right-padded when ``lengths`` (true sample counts) is given.
+        Returns int64 codes [B, K, ceil(T / 1920)]. Item i owns its first ceil(lengths[i] / 1920) frames; the
+        frames after them are set to -1.
+
+        Audio longer than ``chunk_frames`` frames (150 = 24 s) is encoded in chunks that carry the convolution
+        state and the attention window, so memory stays bounded for any length. The codes equal a one-call
+        encode up to float rounding; ``chunk_frames=None`` encodes in one call (moshi's non-streaming path).
+        """
+        if wav.dim() != 3 or wav.shape[1] != 1:
+            raise ValueError(f"wav must be [B, 1, T], got {tuple(wav.shape)}")
+        if not wav.is_floating_point():
+            raise ValueError(f"wav must be floating point, got {wav.dtype}")
+        B, _, T = wav.shape
+        if T == 0:
+            raise ValueError("cannot encode empty audio (T = 0)")
+        if not 1 <= num_codebooks <= self.max_codebooks:
+            raise ValueError(f"num_codebooks must be in [1, {self.max_codebooks}], got {num_codebooks}")
+        param = next(self.parameters())
+        wav = wav.to(device=param.device, dtype=param.dtype)
+        n_frames = self.num_frames(T)
+        wav = nn.functional.pad(wav, (0, n_frames * self.frame_size - T))  # zeros to a whole frame
+
+        embeddings = self.quantizer.embeddings()
+        if chunk_frames is None or n_frames <= chunk_frames:
+            codes = self.quantizer.encode(self._latent(wav, None), num_codebooks, embeddings)
+        else:
+            cache: dict = {}
+            step = chunk_frames * self.frame_size
+            codes = torch.cat([self.quantizer.encode(self._latent(wav[..., s:s + step], cache), num_codebooks,
+                                                     embeddings)
+                               for s in range(0, wav.shape[-1], step)], dim=-1)
+        if lengths is not None:
+            codes = self._mask_padding(codes, lengths)
+        return codes
+
+    def _latent(self, wav: torch.Tensor, cache: dict | None) -> torch.Tensor:
+        # [B, 1, n·1920] → [B, C, n] (12.5 Hz, unquantized)
+        return self.downsample(self.encoder_transformer(self.encoder(wav, cache), cache), cache)
+
+    def _mask_padding(self, codes: torch.Tensor, lengths: torch.Tensor | list[int]) -> torch.Tensor:
+        lengths = torch.as_tensor(lengths, device=codes.device).view(-1)
+        if lengths.shape[0] != codes.shape[0]:
+            raise ValueError(f"lengths has {lengths.shape[0]} entries for a batch of {codes.shape[0]}")
+        if (lengths <= 0).any() or (lengths > codes.shape[-1] * self.frame_size).any():
+            raise ValueError(f"lengths must be in [1, T], got {lengths.tolist()}")
+        owned = (lengths + self.frame_size - 1) // self.frame_size
+        pad = torch.arange(codes.shape[-1], device=codes.device)[None, :] >= owned[:, None]
+        return codes.masked_fill(pad[:, None, :], -1)
+
+    @torch.inference_mode()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [B, K, F] (0 ≤ code < bins) → waveform [B, 1, 1920·F] at 24 kHz."""
+        if codes.dim() != 3 or codes.is_floating_point():
+            raise ValueError(f"codes must be integer [B, K, F], got {codes.dtype} {tuple(codes.shape)}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.config.bins):
+            raise ValueError(f"codes must be in [0, {self.config.bins}); -1 marks padding frames, trim them first")
+        codes = codes.to(next(self.parameters()).device).long()
+        latent = self.upsample(self.quantizer.decode(codes))
+        return self.decoder(self.decoder_transformer(latent))

@@ -1,0 +1,1 @@
+"""Tokenization pipeline: audio corpus on fsspec storage → Parquet datasets of Mimi codes, on Ray."""
