@@ -27,7 +27,7 @@ class Shard:
     uri: str  # tar / parquet / manifest file; for "files", the input root the members are relative to
     members: tuple[str, ...] = ()  # "files": the audio file URIs of this shard, in order
     rows: tuple[int, int] | None = None  # "manifest": [start, stop) row range of the manifest
-    root: str = ""  # input root URI; "webdataset" / "parquet" clip ids start with ``uri`` relative to it
+    root: str = ""  # the input root URI; "webdataset" / "parquet" clip ids start with ``uri`` relative to it
 
 
 @dataclass
