@@ -1,0 +1,275 @@
+"""Run state and the manifest, kept on storage (never only in memory), so a run can resume after a crash.
+
+Layout at the output root::
+
+    data/{shard_id}.parquet        one Parquet file per shard (pipeline.writer)
+    _state/shards/{shard_id}.json  done record, written only after the shard's Parquet file is committed
+    _state/run.json                run identity: config snapshot, model provenance, K, schema version
+    _state/lock.json               run lock (pipeline.storage.RunLock)
+    manifest.json                  human/machine summary of the whole output, rewritten as the run goes
+
+A shard is done iff its done record exists and its Parquet file exists with the recorded size (the
+sha256 is recorded but not re-read at resume; that would mean reading the whole output back).
+Snapshots of configs are passed through :func:`redact` before they reach storage.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import re
+import time
+from collections import Counter
+from dataclasses import asdict
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Any
+
+from pipeline import storage
+from pipeline.types import ClipFailure, Shard
+from pipeline.writer import SCHEMA_VERSION, ShardWriteResult
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = "data"
+SHARDS_STATE_DIR = "_state/shards"
+RUN_PATH = "_state/run.json"
+MANIFEST_PATH = "manifest.json"
+REDACTED = "***"
+# "token" but not "tokens"/"tokenizer" (config sizes and paths, not credentials)
+_SECRET_KEY = re.compile(r"token(?!s|iz)|secret|passw(?:or)?d|key|credential|authorization", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+_DISTRIBUTIONS = ("torch", "ray", "pyarrow", "mimi-tokenize")
+
+
+class IncompatibleOutputError(RuntimeError):
+    """The output folder was written by a run whose codes cannot be mixed with this run's."""
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+
+
+def _unix(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def shard_file(shard_id: str) -> str:
+    """Path of a shard's Parquet file, relative to the output root."""
+    return f"{DATA_DIR}/{shard_id}.parquet"
+
+
+def redact(config: Any) -> Any:
+    """A copy of ``config`` with secrets masked: values under keys that look like credentials (token, secret,
+    password, key, credential, authorization; case-insensitive, anywhere in the key) and the user-info
+    part of URLs (``s3://user:pass@host`` → ``s3://***@host``). Recurses into dicts and lists."""
+    if isinstance(config, dict):
+        return {k: REDACTED if _SECRET_KEY.search(str(k)) and v is not None else redact(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [redact(v) for v in config]
+    if isinstance(config, str):
+        return _URL_USERINFO.sub(REDACTED + "@", config)
+    return config
+
+
+def make_run(config: dict[str, Any], model: dict[str, Any], num_codebooks: int,
+             created: float | None = None) -> dict[str, Any]:
+    """The run identity stored in ``_state/run.json``; ``model`` is ``{source, revision, sha256}``."""
+    return {
+        "config": redact(config),
+        "model": {k: model.get(k) for k in ("source", "revision", "sha256")},
+        "num_codebooks": num_codebooks,
+        "schema_version": SCHEMA_VERSION,
+        "created": _iso(time.time() if created is None else created),
+    }
+
+
+def check_compatible(existing_run: dict[str, Any], new_run: dict[str, Any]) -> None:
+    """Raise :class:`IncompatibleOutputError` if ``new_run`` would write codes that differ from ``existing_run``'s:
+    another model (source or weights sha256), number of codebooks or schema version. Other config
+    (batch size, workers, ...) may change between runs."""
+    checks = {
+        "model sha256": (existing_run["model"].get("sha256"), new_run["model"].get("sha256")),
+        "model source": (existing_run["model"].get("source"), new_run["model"].get("source")),
+        "num_codebooks": (existing_run["num_codebooks"], new_run["num_codebooks"]),
+        "schema version": (existing_run["schema_version"], new_run["schema_version"]),
+    }
+    diffs = [f"{name}: output has {old!r}, this run has {new!r}" for name, (old, new) in checks.items() if old != new]
+    if diffs:
+        raise IncompatibleOutputError(
+            "the output folder holds codes from an incompatible run (" + "; ".join(diffs) + "). "
+            "Write to a new output folder, or use the same model and settings to resume."
+        )
+
+
+def init_run(output_url: str, run: dict[str, Any], storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check ``run`` against the output's ``_state/run.json`` (written here on first use); return the stored run."""
+    url = storage.join(output_url, RUN_PATH)
+    try:
+        existing = storage.read_json(url, storage_options)
+    except FileNotFoundError:
+        storage.write_json(url, run, storage_options)
+        return run
+    check_compatible(existing, run)
+    return existing
+
+
+def write_done_record(output_url: str, shard: Shard, result: ShardWriteResult, failures: list[ClipFailure], *,
+                      started: float, finished: float, attempt: int,
+                      storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Record ``shard`` as done in ``_state/shards/{shard_id}.json``; call only after its Parquet file is committed.
+
+    ``started``/``finished`` are unix times; ``attempt`` counts from 1. Returns the record.
+    """
+    record = {
+        "shard": {"shard_id": shard.shard_id, "kind": shard.kind, "uri": shard.uri,
+                  "rows": list(shard.rows) if shard.rows else None},
+        "file": shard_file(shard.shard_id),
+        "rows": result.rows,
+        "frames": result.frames,
+        "bytes": result.bytes,
+        "sha256": result.sha256,
+        "clips": result.rows + len(failures),
+        "failed": len(failures),
+        "failures": [asdict(f) for f in failures],
+        "hours": result.duration_s / 3600,
+        "started": _iso(started),
+        "finished": _iso(finished),
+        "attempt": attempt,
+    }
+    storage.write_json(storage.join(output_url, SHARDS_STATE_DIR, f"{shard.shard_id}.json"), record, storage_options)
+    return record
+
+
+def load_done(output_url: str, storage_options: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Done records by shard id, keeping only those whose Parquet file exists with the recorded size."""
+    records = storage.read_json_files(storage.join(output_url, SHARDS_STATE_DIR), storage_options)
+    sizes = storage.list_files(storage.join(output_url, DATA_DIR), storage_options)
+    done = {}
+    for record in records.values():
+        shard_id = record["shard"]["shard_id"]
+        size = sizes.get(record["file"].rsplit("/", 1)[-1])
+        if size != record["bytes"]:
+            log.warning("shard %s has a done record but its file %s is %s; it will be redone", shard_id,
+                        record["file"], "missing" if size is None else f"{size} bytes, not {record['bytes']}")
+            continue
+        done[shard_id] = record
+    return done
+
+
+def _software_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in _DISTRIBUTIONS:
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return versions
+
+
+def build_manifest(output_url: str, run: dict[str, Any], shards: list[Shard], done: dict[str, dict[str, Any]], *,
+                   started: float, finished: float | None = None) -> dict[str, Any]:
+    """The manifest of an output: run identity, software versions, one entry per input shard, totals, timing.
+
+    ``started`` is when this session began (unix time); ``finished`` is set when it ended, and makes the
+    status "complete" (every shard done) or "incomplete"; without it the status is "running". Speed
+    (``x_realtime``) counts only the shards finished during this session, so a resumed run is not credited
+    with earlier sessions' work.
+    """
+    now = time.time() if finished is None else finished
+    wall_s = max(now - started, 0.0)
+    entries, failed_by_class = [], Counter()
+    session_hours, session_shards = 0.0, 0
+    for shard in shards:
+        entry: dict[str, Any] = {"shard_id": shard.shard_id, "kind": shard.kind, "uri": shard.uri}
+        record = done.get(shard.shard_id)
+        if record is None:
+            entries.append({**entry, "status": "pending"})
+            continue
+        entries.append({**entry, "status": "done",
+                        **{k: record[k] for k in ("file", "rows", "frames", "bytes", "sha256", "clips", "failed",
+                                                   "hours", "attempt")}})
+        failed_by_class.update(f["error_class"] for f in record["failures"])
+        if _unix(record["finished"]) >= started:
+            session_hours += record["hours"]
+            session_shards += 1
+    done_entries = [e for e in entries if e["status"] == "done"]
+    frames = sum(e["frames"] for e in done_entries)
+    remaining = len(shards) - len(done_entries)
+    if finished is not None:
+        status = "complete" if remaining == 0 else "incomplete"
+    else:
+        status = "running"
+    return {
+        "status": status,
+        "output_url": redact(output_url),
+        "schema_version": run["schema_version"],
+        "num_codebooks": run["num_codebooks"],
+        "model": run["model"],
+        "config": redact(run["config"]),
+        "run_created": run["created"],
+        "software": _software_versions(),
+        "totals": {
+            "shards": len(shards),
+            "shards_done": len(done_entries),
+            "clips": sum(e["rows"] for e in done_entries),
+            "failed_clips": sum(e["failed"] for e in done_entries),
+            "failed_by_class": dict(failed_by_class.most_common()),
+            "hours": sum(e["hours"] for e in done_entries),
+            "frames": frames,
+            "tokens": frames * run["num_codebooks"],
+        },
+        "timing": {
+            "started": _iso(started),
+            "updated": _iso(now),
+            "finished": _iso(finished) if finished is not None else None,
+            "wall_s": wall_s,
+            "x_realtime": session_hours * 3600 / wall_s if wall_s > 0 else 0.0,
+            "eta_s": remaining * wall_s / session_shards if status == "running" and session_shards else None,
+        },
+        "shards": entries,
+    }
+
+
+def write_manifest(output_url: str, manifest: dict[str, Any], storage_options: dict[str, Any] | None = None) -> None:
+    """Write ``manifest.json`` at the output root, atomically."""
+    storage.write_json(storage.join(output_url, MANIFEST_PATH), manifest, storage_options)
+
+
+def read_manifest(output_url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read ``manifest.json``; raises ``FileNotFoundError`` if the output has none."""
+    return storage.read_json(storage.join(output_url, MANIFEST_PATH), storage_options)
+
+
+def failure_share(manifest: dict[str, Any]) -> float:
+    """Failed clips over attempted clips (written + failed) in the finished shards; 0.0 if none."""
+    totals = manifest["totals"]
+    attempted = totals["clips"] + totals["failed_clips"]
+    return totals["failed_clips"] / attempted if attempted else 0.0
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(minutes, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def summarize(manifest: dict[str, Any]) -> str:
+    """A short human status of an output, for ``mimi-tokenize status OUTPUT``."""
+    totals, timing = manifest["totals"], manifest["timing"]
+    share = 100 * totals["shards_done"] / totals["shards"] if totals["shards"] else 100.0
+    lines = [
+        f"status: {manifest['status']} — {totals['shards_done']}/{totals['shards']} shards done ({share:.1f}%)",
+        f"audio: {totals['hours']:.2f} h in {totals['clips']:,} clips; "
+        f"{totals['failed_clips']:,} failed ({100 * failure_share(manifest):.2f}%)",
+    ]
+    if totals["failed_by_class"]:
+        lines.append("failures: " + ", ".join(f"{cls} {n:,}" for cls, n in totals["failed_by_class"].items()))
+    lines.append(f"codes: {totals['frames']:,} frames × {manifest['num_codebooks']} codebooks = "
+                 f"{totals['tokens']:,} tokens")
+    speed = (f"speed: {timing['x_realtime']:.1f}x realtime over {_duration(timing['wall_s'])} wall "
+             f"(updated {timing['updated']})")
+    if timing["eta_s"] is not None:
+        speed += f"; ETA {_duration(timing['eta_s'])}"
+    lines.append(speed)
+    return "\n".join(lines)

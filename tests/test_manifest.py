@@ -1,0 +1,192 @@
+"""pipeline.manifest: done records, resume state, run compatibility, manifest totals, redaction."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+from pipeline import manifest as mf
+from pipeline import storage
+from pipeline.types import Clip, ClipFailure, Shard
+from pipeline.writer import SCHEMA_VERSION, write_shard
+
+MODEL = {"source": "kyutai/mimi", "revision": "main", "sha256": "ab" * 32}
+T0 = 1_700_000_000.0
+
+
+def _write_shard(root: str, shard: Shard, n_clips: int, frames: int, failures: list[ClipFailure], *,
+                 finished: float, so=None) -> dict:
+    clips = [Clip(f"{shard.shard_id}-{i}", f"{shard.uri}/{i}.wav", np.zeros(frames * 1920, np.float32), 16_000, 1)
+             for i in range(n_clips)]
+    codes = [np.ones((8, frames), np.int64) for _ in clips]
+    result = write_shard(storage.join(root, mf.shard_file(shard.shard_id)), clips, codes, num_codebooks=8,
+                         file_metadata={}, storage_options=so)
+    return mf.write_done_record(root, shard, result, failures, started=finished - 10, finished=finished,
+                                attempt=1, storage_options=so)
+
+
+def _shards(n: int) -> list[Shard]:
+    return [Shard(f"shard-{i:05d}", "files", f"/in/{i}", members=(f"/in/{i}/a.wav",)) for i in range(n)]
+
+
+def _failure(cls: str) -> ClipFailure:
+    return ClipFailure("c", "/in/c.wav", "decode", cls, "bad header")
+
+
+def test_done_record_layout(tmp_path):
+    root = str(tmp_path)
+    shard = _shards(1)[0]
+    record = _write_shard(root, shard, 3, 25, [_failure("DecodeError")], finished=T0)
+    on_disk = storage.read_json(storage.join(root, "_state/shards/shard-00000.json"))
+    assert on_disk == record
+    assert record["shard"] == {"shard_id": "shard-00000", "kind": "files", "uri": "/in/0", "rows": None}
+    assert record["file"] == "data/shard-00000.parquet"
+    assert os.path.getsize(tmp_path / "data" / "shard-00000.parquet") == record["bytes"]
+    assert (record["rows"], record["frames"], record["clips"], record["failed"]) == (3, 75, 4, 1)
+    assert record["hours"] == pytest.approx(3 * 2.0 / 3600)
+    assert record["failures"] == [{"clip_id": "c", "source_uri": "/in/c.wav", "stage": "decode",
+                                   "error_class": "DecodeError", "message": "bad header"}]
+    assert record["attempt"] == 1 and record["started"] < record["finished"]
+
+
+def test_load_done_skips_missing_or_wrong_size_files(tmp_path):
+    root = str(tmp_path)
+    shards = _shards(4)
+    for s in shards[:3]:
+        _write_shard(root, s, 2, 10, [], finished=T0)
+    assert set(mf.load_done(root)) == {"shard-00000", "shard-00001", "shard-00002"}
+    os.remove(tmp_path / "data" / "shard-00001.parquet")  # crashed between... or deleted by hand
+    with open(tmp_path / "data" / "shard-00002.parquet", "ab") as f:  # replaced by another file
+        f.write(b"x")
+    (tmp_path / "data" / "shard-00003.parquet").write_bytes(b"no record: not done")
+    assert set(mf.load_done(root)) == {"shard-00000"}
+
+
+def test_load_done_on_s3(s3_server, s3_url):
+    so = s3_server["storage_options"]
+    assert mf.load_done(s3_url, so) == {}
+    records = {s.shard_id: _write_shard(s3_url, s, 2, 5, [], finished=T0, so=so) for s in _shards(3)}
+    assert mf.load_done(s3_url, so) == records
+    fs, path = storage.get_fs(storage.join(s3_url, "data/shard-00002.parquet"), so)
+    fs.rm(path)
+    assert set(mf.load_done(s3_url, so)) == {"shard-00000", "shard-00001"}
+
+
+def test_init_run_and_compatibility(tmp_path):
+    root = str(tmp_path)
+    run = mf.make_run({"batch_size": 8}, MODEL, 8, created=T0)
+    assert mf.init_run(root, run) == run
+    assert storage.read_json(storage.join(root, "_state/run.json")) == run
+    resumed = mf.make_run({"batch_size": 32}, MODEL, 8, created=T0 + 100)
+    assert mf.init_run(root, resumed) == run  # other batch size is fine; the stored identity is kept
+
+    with pytest.raises(mf.IncompatibleOutputError, match=r"model sha256.*'abab.*'cdcd"):
+        mf.init_run(root, mf.make_run({}, {**MODEL, "sha256": "cd" * 32}, 8))
+    with pytest.raises(mf.IncompatibleOutputError, match=r"model source.*other/mimi"):
+        mf.check_compatible(run, mf.make_run({}, {**MODEL, "source": "other/mimi"}, 8))
+    with pytest.raises(mf.IncompatibleOutputError, match=r"num_codebooks: output has 8, this run has 32"):
+        mf.check_compatible(run, mf.make_run({}, MODEL, 32))
+    with pytest.raises(mf.IncompatibleOutputError, match="schema version"):
+        mf.check_compatible(run, {**run, "schema_version": SCHEMA_VERSION + 1})
+    mf.check_compatible(run, {**run, "model": {**MODEL, "revision": "v2"}})  # same weights, other label
+
+
+def test_manifest_totals_status_and_speed(tmp_path):
+    root = str(tmp_path)
+    shards = _shards(4)
+    run = mf.make_run({"batch_size": 8}, MODEL, 8, created=T0 - 1000)
+    started = T0
+    done = {
+        # from an earlier session: counted in totals, not in this session's speed
+        "shard-00000": _write_shard(root, shards[0], 2, 25, [], finished=T0 - 500),
+        "shard-00001": _write_shard(root, shards[1], 3, 50, [_failure("DecodeError"), _failure("DecodeError")],
+                                    finished=T0 + 30),
+        "shard-00002": _write_shard(root, shards[2], 1, 100, [_failure("EncodeError")], finished=T0 + 60),
+    }
+    m = mf.build_manifest(root, run, shards, done, started=started)
+    m_now = m["timing"]["updated"]
+    assert m["status"] == "running"
+    assert m["totals"] == {
+        "shards": 4, "shards_done": 3, "clips": 6, "failed_clips": 3,
+        "failed_by_class": {"DecodeError": 2, "EncodeError": 1},
+        "hours": pytest.approx((2 * 2 + 3 * 4 + 8) / 3600),
+        "frames": 2 * 25 + 3 * 50 + 100, "tokens": (2 * 25 + 3 * 50 + 100) * 8,
+    }
+    assert [e["status"] for e in m["shards"]] == ["done", "done", "done", "pending"]
+    assert m["shards"][1]["file"] == "data/shard-00001.parquet" and m["shards"][1]["failed"] == 2
+    assert m["model"] == MODEL and m["num_codebooks"] == 8 and m["schema_version"] == SCHEMA_VERSION
+    assert set(m["software"]) == {"python", "torch", "ray", "pyarrow", "mimi-tokenize"}
+    assert m["software"]["pyarrow"] and m_now
+    assert mf.failure_share(m) == pytest.approx(3 / 9)
+
+    finished = T0 + 100
+    m = mf.build_manifest(root, run, shards, done, started=started, finished=finished)
+    assert m["status"] == "incomplete"
+    assert m["timing"]["wall_s"] == pytest.approx(100)
+    assert m["timing"]["x_realtime"] == pytest.approx((3 * 4 + 8) / 100)  # this session's shards only
+    assert m["timing"]["eta_s"] is None
+    done["shard-00003"] = _write_shard(root, shards[3], 1, 10, [], finished=T0 + 90)
+    m = mf.build_manifest(root, run, shards, done, started=started, finished=finished)
+    assert m["status"] == "complete" and m["totals"]["shards_done"] == 4
+
+    mf.write_manifest(root, m)
+    assert mf.read_manifest(root) == json.loads(json.dumps(m))
+
+
+def test_summarize_and_eta(tmp_path):
+    root = str(tmp_path)
+    shards = _shards(4)
+    run = mf.make_run({}, MODEL, 8)
+    started = time.time() - 100
+    done = {s.shard_id: _write_shard(root, s, 2, 25, [_failure("DecodeError")] if i == 0 else [],
+                                     finished=started + 10) for i, s in enumerate(shards[:2])}
+    m = mf.build_manifest(root, run, shards, done, started=started)
+    assert m["timing"]["wall_s"] == pytest.approx(100, abs=5)
+    assert m["timing"]["eta_s"] == pytest.approx(m["timing"]["wall_s"])  # 2 shards left at 2 per wall_s
+    assert m["timing"]["x_realtime"] == pytest.approx(4 * 2.0 / m["timing"]["wall_s"])
+    text = mf.summarize(m)
+    assert "running" in text and "2/4 shards done (50.0%)" in text
+    assert "4 clips; 1 failed (20.00%)" in text and "DecodeError 1" in text
+    assert "100 frames × 8 codebooks = 800 tokens" in text and "ETA 0:01:4" in text
+    finished = mf.build_manifest(root, run, shards, done, started=started, finished=started + 20)
+    assert "incomplete" in mf.summarize(finished) and "ETA" not in mf.summarize(finished)
+
+
+def test_redact():
+    config = {
+        "hf_token": "hf_abc", "max_tokens": 4096, "tokenizer": "mimi",
+        "storage_options": {"key": "AKIA123", "secret": "s3cr3t", "client_kwargs": {"endpoint_url": "http://x"},
+                            "headers": {"Authorization": "Bearer zzz"}},
+        "sources": [{"uri": "s3://user:pa55@host/bucket", "password": "p"}, "gs://b/x"],
+        "awsSecretAccessKey": "k", "apiKey": None, "batch_size": 8,
+    }
+    out = mf.redact(config)
+    assert out == {
+        "hf_token": "***", "max_tokens": 4096, "tokenizer": "mimi",
+        "storage_options": {"key": "***", "secret": "***", "client_kwargs": {"endpoint_url": "http://x"},
+                            "headers": {"Authorization": "***"}},
+        "sources": [{"uri": "s3://***@host/bucket", "password": "***"}, "gs://b/x"],
+        "awsSecretAccessKey": "***", "apiKey": None, "batch_size": 8,
+    }
+    assert config["hf_token"] == "hf_abc"  # input untouched
+
+
+def test_secrets_never_reach_storage(tmp_path):
+    root = str(tmp_path)
+    secrets = ["hf_SUPERSECRET", "AKIASECRETKEY", "wJalrSECRET", "pa55w0rd"]
+    config = {"model": {"hf_token": secrets[0]},
+              "storage_options": {"key": secrets[1], "secret": secrets[2]},
+              "input": f"s3://me:{secrets[3]}@minio/bucket"}
+    run = mf.init_run(root, mf.make_run(config, MODEL, 8))
+    shards = _shards(1)
+    done = {shards[0].shard_id: _write_shard(root, shards[0], 1, 5, [], finished=T0)}
+    mf.write_manifest(root, mf.build_manifest(f"s3://me:{secrets[3]}@minio/out", run, shards, done, started=T0))
+    for name in ("manifest.json", "_state/run.json"):
+        text = (tmp_path / name).read_text()
+        assert "storage_options" in text
+        for s in secrets:
+            assert s not in text, (name, s)
