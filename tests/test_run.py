@@ -1,0 +1,235 @@
+"""End to end on a real local Ray instance (4 CPUs, 2 logical GPUs): real audio files in, Parquet out, codes equal
+to the model's on the same decoded audio; failures, S3, rerun, refusals, and real worker deaths."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+
+import mimi
+from audio_fixtures import corrupt_bytes, write_audio
+from pipeline import manifest
+from pipeline.cli import main
+from pipeline.config import RunConfig
+from pipeline.prepare import prepare_shard
+from pipeline.runner import EncoderPool, load_model_files, run
+from pipeline.sources import discover_shards
+from pipeline.storage import RunLock
+from pipeline.writer import read_codes
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> str:
+    return str(mimi.write_random_checkpoint(tmp_path_factory.mktemp("model") / "tiny.safetensors",
+                                            mimi.MimiConfig.tiny()))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """9 good clips (WAV/FLAC/MP3, 8-48 kHz, mono/stereo, 0.3-2.5 s), a corrupt file and an empty file."""
+    root = tmp_path_factory.mktemp("corpus")
+    specs = [("wav_pcm16", 16_000, 0.3, 1), ("flac", 44_100, 1.1, 2), ("wav_float", 24_000, 2.5, 1),
+             ("mp3", 22_050, 0.9, 1), ("wav_pcm24", 48_000, 0.5, 2), ("flac", 8_000, 1.7, 1),
+             ("wav_pcm16", 32_000, 0.61, 1), ("wav_pcm16", 24_000, 1.0, 1), ("flac", 16_000, 2.0, 1)]
+    for i, (fmt, sr, seconds, channels) in enumerate(specs):
+        ext = "mp3" if fmt == "mp3" else "flac" if fmt == "flac" else "wav"
+        write_audio(root / f"set{i % 2}" / f"clip{i:02d}.{ext}", fmt, sr, seconds, channels, seed=i)
+    (root / "set0" / "corrupt.wav").write_bytes(corrupt_bytes())
+    (root / "set1" / "empty.flac").write_bytes(b"")
+    return root
+
+
+def reference_codes(input_url: str, model_path: str, k: int, files_per_shard: int, storage_options=None):
+    """id → [F, K] codes of each clip decoded by the pipeline's own functions and encoded alone."""
+    model = mimi.load_mimi(model_path)
+    ref = {}
+    for shard in discover_shards(input_url, files_per_shard=files_per_shard, storage_options=storage_options):
+        for clip in prepare_shard(shard, storage_options=storage_options)[0]:
+            codes = model.encode(torch.from_numpy(clip.audio)[None, None], num_codebooks=k)[0].numpy()
+            ref[clip.clip_id] = codes.T.astype(np.int16)
+    return ref
+
+
+def assert_codes_equal(rows: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> None:
+    assert sorted(rows) == sorted(ref)
+    mismatched = {i: int((rows[i] != ref[i]).sum()) for i in ref if rows[i].shape != ref[i].shape or
+                  not np.array_equal(rows[i], ref[i])}
+    assert not mismatched, f"codes differ from the model's own (clip: differing codes): {mismatched}"
+
+
+def read_output(output: str, storage_options=None) -> dict[str, np.ndarray]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(output, **(storage_options or {}))
+    rows = {}
+    for file in sorted(fs.glob(f"{path}/data/*.parquet")):
+        with fs.open(file, "rb") as f:
+            table = pq.read_table(f)
+        for i, clip_id in enumerate(table.column("id").to_pylist()):
+            assert clip_id not in rows, f"duplicate row {clip_id}"
+            rows[clip_id] = read_codes(table, i)
+    return rows
+
+
+def test_end_to_end(corpus, model_path, tmp_path, caplog, capsys):
+    out = str(tmp_path / "out")
+    cfg = RunConfig(input=str(corpus), output=out, model=model_path, num_codebooks=8, files_per_shard=3,
+                    batch_max_seconds=3.0, max_failure_share=0.5, progress_interval_s=0.5)
+    with caplog.at_level(logging.INFO, logger="pipeline.runner"):
+        assert run(cfg) == 0
+    assert "2 encoder(s)" in caplog.text  # one per (logical) GPU
+
+    final = manifest.read_manifest(out)
+    assert final["status"] == "complete" and final["totals"]["shards"] == 4
+    assert (final["totals"]["clips"], final["totals"]["failed_clips"]) == (9, 2)
+    failures = [f for s in manifest.load_done(out).values() for f in s["failures"]]
+    assert sorted((f["clip_id"], f["stage"], f["error_class"]) for f in failures) == [
+        ("set0/corrupt.wav", "decode", "DecodeError"), ("set1/empty.flac", "read", "ValueError")]
+    assert all(f["source_uri"].startswith("file:///") and f["message"] for f in failures)
+
+    # the Parquet output, read with pyarrow and with datasets, holds exactly the model's codes
+    rows = read_output(out)
+    assert_codes_equal(rows, reference_codes(str(corpus), model_path, 8, 3))
+    from datasets import load_dataset
+
+    ds = load_dataset("parquet", data_files=f"{out}/data/*.parquet", split="train")
+    assert len(ds) == 9 and set(ds.column_names) >= {"id", "codes", "n_frames", "duration_s", "source_uri"}
+    for row in ds:
+        np.testing.assert_array_equal(read_codes(row), rows[row["id"]])
+        assert row["n_frames"] == len(row["codes"]) == int(np.ceil(row["duration_s"] * 12.5 - 1e-9))
+
+    # a second run on the finished output does nothing and leaves the manifest as it was
+    before = (tmp_path / "out" / "manifest.json").read_bytes()
+    assert run(cfg) == 0
+    # ... and its exit code follows max_failure_share: 2 of 11 clips failed
+    assert main(["run", "--input", str(corpus), "--output", out, "--model", model_path, "--files-per-shard", "3",
+                 "--max-failure-share", "0.1"]) == 1
+    assert (tmp_path / "out" / "manifest.json").read_bytes() == before
+
+    # resuming with other settings is refused with a clear one-line error, exit code 2
+    capsys.readouterr()
+    assert main(["run", "--input", str(corpus), "--output", out, "--model", model_path, "--files-per-shard", "3",
+                 "--num-codebooks", "4"]) == 2
+    assert "num_codebooks: output has 8, this run has 4" in capsys.readouterr().err
+
+    # status shows the output
+    assert main(["status", out]) == 0
+    assert "status: complete — 4/4 shards done" in capsys.readouterr().out
+
+
+def test_locked_output_is_refused(corpus, model_path, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    lock = RunLock(out, run_id="other-run", settle_s=0)
+    lock.acquire()
+    try:
+        assert main(["run", "--input", str(corpus), "--output", out, "--model", model_path]) == 2
+    finally:
+        lock.release()
+    err = capsys.readouterr().err
+    assert "is locked by run 'other-run'" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "data").exists()
+
+
+def test_expected_errors_are_one_line(tmp_path, model_path, capsys):
+    assert main(["run", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o"),
+                 "--model", model_path]) == 2
+    assert main(["run", "--input", str(tmp_path), "--output", str(tmp_path / "o"),
+                 "--model", str(tmp_path / "nope.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "input not found" in err[0] and "neither a local file" in err[1]
+
+
+def test_one_encoder_actor_per_gpu(model_path, tmp_path):
+    cfg = RunConfig(input="-", output=str(tmp_path), model=model_path)
+    pool = EncoderPool(cfg, ray.put(load_model_files(cfg)), 2)
+    try:
+        assert sorted(tuple(i["gpu_ids"]) for i in pool.infos) == [("0",), ("1",)]
+        assert {i["device"] for i in pool.infos} == {"cuda" if torch.cuda.is_available() else "cpu"}
+        assert len({i["pid"] for i in pool.infos}) == 2
+    finally:
+        pool.shutdown()
+
+
+def test_s3_input_and_output(corpus, model_path, s3_server, s3_url):
+    import s3fs
+
+    options = s3_server["storage_options"]
+    s3fs.S3FileSystem(**options).put(str(corpus) + "/", f"{s3_url}/in/", recursive=True)
+    cfg = RunConfig(input=f"{s3_url}/in", output=f"{s3_url}/out", model=model_path, files_per_shard=4,
+                    max_failure_share=0.5, storage_options=options)
+    assert run(cfg) == 0
+    rows = read_output(cfg.output, options)
+    assert_codes_equal(rows, reference_codes(cfg.input, model_path, 8, 4, options))
+    final = manifest.read_manifest(cfg.output, options)
+    assert final["status"] == "complete" and final["totals"]["failed_clips"] == 2
+    assert final["config"]["storage_options"]["secret"] == manifest.REDACTED
+    assert "testing" not in json.dumps(final["config"]["storage_options"])
+
+
+class Killer(threading.Thread):
+    """Kills (SIGSEGV) the Ray worker processes whose title starts with a prefix, up to a number of times each:
+    real worker deaths, chosen by the task names the runner gives (``decode:{shard}``, ``prepare_clip:{clip}``)."""
+
+    def __init__(self, budgets: dict[str, int]):
+        super().__init__(daemon=True)
+        self.budgets, self.kills, self.done = dict(budgets), [], threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+                except OSError:
+                    continue
+                for prefix, left in self.budgets.items():
+                    if left and title.startswith(prefix) and (prefix, pid) not in self.kills:
+                        os.kill(int(pid), signal.SIGSEGV)
+                        self.budgets[prefix] -= 1
+                        self.kills.append((prefix, pid))
+            time.sleep(0.003)
+
+
+def test_worker_deaths_are_retried_and_isolated(model_path, tmp_path):
+    root = tmp_path / "in"
+    for i, seconds in enumerate([1.0, 2.0, 1.5]):
+        write_audio(root / f"a{i}.wav", "wav_pcm16", 16_000, seconds, seed=i)
+    write_audio(root / "b_bad.flac", "flac", 48_000, 120.0)  # killed whenever it is decoded
+    write_audio(root / "c0.wav", "wav_pcm16", 24_000, 3.0, seed=9)
+    # shards: files-00000 [a0, a1], files-00001 [a2, b_bad], files-00002 [c0]
+    killer = Killer({"ray::decode:files-00001": 2, "ray::prepare_clip:b_bad.flac": 2, "ray::ShardEncoder.process": 1})
+    killer.start()
+    cfg = RunConfig(input=str(root), output=str(tmp_path / "out"), model=model_path, files_per_shard=2,
+                    shard_retries=1, max_failure_share=0.5)
+    try:
+        code = run(cfg)
+    finally:
+        killer.done.set()
+        killer.join()
+    assert sorted({p for p, _ in killer.kills}) == sorted(killer.budgets) and not any(killer.budgets.values())
+    assert code == 0
+    done = manifest.load_done(cfg.output)
+    assert sorted(done) == ["files-00000", "files-00001", "files-00002"]
+    [failure] = done["files-00001"]["failures"]
+    assert (failure["clip_id"], failure["stage"]) == ("b_bad.flac", "crash")
+    assert sorted(r["attempt"] for r in done.values()) == [1, 1, 2]  # the shard whose encoder died was redone
+    ref = reference_codes(str(root), model_path, 8, 2)
+    del ref["b_bad.flac"]
+    assert_codes_equal(read_output(cfg.output), ref)
