@@ -247,10 +247,30 @@ def _pick_in_folder(folder: Path) -> Path:
                           f"file), found {[p.name for p in found]}")
 
 
+def _hub_unreachable() -> Exception | None:
+    """The error of one quick request to the Hub endpoint (no retries), or None if it answered at all.
+
+    huggingface_hub retries connection errors 5 times with backoff (~25 s); without a network this check lets
+    the caller fall back to the cache, or fail with its message, at once. The timeout is HF_HUB_ETAG_TIMEOUT.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return None  # huggingface_hub itself answers from the cache or raises at once
+    try:
+        get_session().head(constants.ENDPOINT, timeout=float(getattr(constants, "HF_HUB_ETAG_TIMEOUT", 10)))
+    except Exception as exc:  # DNS, refused, timeout, proxy, TLS
+        return exc
+    return None
+
+
 def _download(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import hf_hub_download, list_repo_files
 
     try:
+        if (unreachable := _hub_unreachable()) is not None:
+            raise unreachable
         files = set(list_repo_files(repo_id, revision=revision))
         name = HF_FILENAME if HF_FILENAME in files else MOSHI_FILENAME if MOSHI_FILENAME in files else None
         if name is None:
@@ -327,9 +347,9 @@ def random_state_dict(cfg: MimiConfig = MimiConfig(), seed: int = 0) -> dict[str
 def _calibrate_codebooks(model: MimiModel, gen: torch.Generator) -> None:
     t = torch.arange(8 * model.frame_size) / model.sample_rate
     wav = (0.3 * torch.sin(2 * torch.pi * 220 * t * (1 + t)) + 0.1 * torch.randn(t.shape, generator=gen))[None, None]
-    latent = model._latent(wav, None)
+    latent = model._latent(wav.view(1, -1, 1), {})
     for rvq in (model.quantizer.semantic, model.quantizer.acoustic):
-        residual = rvq.input_proj(latent).transpose(1, 2).reshape(-1, model.config.codebook_dim)
+        residual = torch.nn.functional.linear(latent, rvq.input_proj.weight[..., 0]).flatten(0, 1)
         for book in rvq.codebooks:
             mean, std = residual.mean(0), residual.std(0) + 1e-6
             usage = 0.5 + 1.5 * torch.rand(book.cluster_usage.shape, generator=gen)

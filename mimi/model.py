@@ -32,6 +32,9 @@ class MimiModel(nn.Module):
         self.revision: str | None = None
         self.weights_sha256: str | None = None
 
+    SEANET_CHUNK_SAMPLES = 48_000  # see `_latent`
+    SEANET_SPLIT_LAYER = 7  # encoder.model[:7] runs on sub-chunks: up to the 256-channel, 1.2 kHz level
+
     sample_rate = property(lambda self: self.config.sample_rate)
     frame_rate = property(lambda self: self.config.frame_rate)
     frame_size = property(lambda self: self.config.frame_size)
@@ -53,9 +56,9 @@ class MimiModel(nn.Module):
         Returns int64 codes [B, K, ceil(T / 1920)]. Item i owns its first ceil(lengths[i] / 1920) frames; the
         frames after them are set to -1.
 
-        Audio longer than ``chunk_frames`` frames (150 = 24 s) is encoded in chunks that carry the convolution
-        state and the attention window, so memory stays bounded for any length. The codes equal a one-call
-        encode up to float rounding; ``chunk_frames=None`` encodes in one call (moshi's non-streaming path).
+        Audio is encoded in chunks of ``chunk_frames`` frames (150 = 12 s; ``None``: one chunk) that carry the
+        convolution state and the 250-step attention window, so memory stays bounded for any length and the
+        codes equal a one-call encode (moshi's non-streaming path) up to float rounding.
         """
         if wav.dim() != 3 or wav.shape[1] != 1:
             raise ValueError(f"wav must be [B, 1, T], got {tuple(wav.shape)}")
@@ -67,26 +70,31 @@ class MimiModel(nn.Module):
         if not 1 <= num_codebooks <= self.max_codebooks:
             raise ValueError(f"num_codebooks must be in [1, {self.max_codebooks}], got {num_codebooks}")
         param = next(self.parameters())
-        wav = wav.to(device=param.device, dtype=param.dtype)
         n_frames = self.num_frames(T)
-        wav = nn.functional.pad(wav, (0, n_frames * self.frame_size - T))  # zeros to a whole frame
+        wav = nn.functional.pad(wav.to(device=param.device, dtype=param.dtype), (0, n_frames * self.frame_size - T))
+        wav = wav.view(B, -1, 1)  # time-major [B, T, 1], zero-padded to whole frames
 
-        embeddings = self.quantizer.embeddings()
-        if chunk_frames is None or n_frames <= chunk_frames:
-            codes = self.quantizer.encode(self._latent(wav, None), num_codebooks, embeddings)
-        else:
-            cache: dict = {}
-            step = chunk_frames * self.frame_size
-            codes = torch.cat([self.quantizer.encode(self._latent(wav[..., s:s + step], cache), num_codebooks,
-                                                     embeddings)
-                               for s in range(0, wav.shape[-1], step)], dim=-1)
-        if lengths is not None:
-            codes = self._mask_padding(codes, lengths)
-        return codes
+        embeddings, cache = self.quantizer.embeddings(), {}
+        step = (chunk_frames or n_frames) * self.frame_size
+        codes = [self.quantizer.encode(self._latent(wav[:, s:s + step], cache), num_codebooks, embeddings)
+                 for s in range(0, wav.shape[1], step)]
+        codes = torch.cat(codes, dim=-1)
+        return codes if lengths is None else self._mask_padding(codes, lengths)
 
-    def _latent(self, wav: torch.Tensor, cache: dict | None) -> torch.Tensor:
-        # [B, 1, n·1920] → [B, C, n] (12.5 Hz, unquantized)
-        return self.downsample(self.encoder_transformer(self.encoder(wav, cache), cache), cache)
+    def _latent(self, wav: torch.Tensor, cache: dict) -> torch.Tensor:
+        """[B, n·1920, 1] → unquantized 12.5 Hz latent [B, n, C], carrying state in ``cache``.
+
+        The first SEANet levels (64 and 128 channels at 24 and 6 kHz) run on sub-chunks of about
+        ``SEANET_CHUNK_SAMPLES`` samples in all, so their activations stay in the CPU caches (about twice as fast
+        as one pass over the chunk); the deeper, low-rate levels run on the whole chunk, where larger matrix
+        products pay off.
+        """
+        B, T, _ = wav.shape
+        sub = max(1, self.SEANET_CHUNK_SAMPLES // (B * self.frame_size)) * self.frame_size
+        split = self.SEANET_SPLIT_LAYER
+        x = torch.cat([self.encoder(wav[:, s:s + sub], cache, 0, split) for s in range(0, T, sub)], dim=1)
+        x = self.encoder(x, cache, split)
+        return self.downsample(self.encoder_transformer(x, cache), cache)
 
     def _mask_padding(self, codes: torch.Tensor, lengths: torch.Tensor | list[int]) -> torch.Tensor:
         lengths = torch.as_tensor(lengths, device=codes.device).view(-1)
@@ -106,5 +114,5 @@ class MimiModel(nn.Module):
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.config.bins):
             raise ValueError(f"codes must be in [0, {self.config.bins}); -1 marks padding frames, trim them first")
         codes = codes.to(next(self.parameters()).device).long()
-        latent = self.upsample(self.quantizer.decode(codes))
-        return self.decoder(self.decoder_transformer(latent))
+        latent = self.upsample(self.quantizer.decode(codes).transpose(1, 2)).transpose(1, 2)  # [B, 2F, C]
+        return self.decoder(self.decoder_transformer(latent)).transpose(1, 2)

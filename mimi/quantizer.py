@@ -21,8 +21,13 @@ class Codebook(nn.Module):
         self.register_buffer("initialized", torch.zeros(1))
 
     @property
-    def embedding(self) -> torch.Tensor:  # [bins, dim]; recomputed, so loading weights can never leave it stale
-        return self.embedding_sum / self.cluster_usage.clamp(min=1e-5)[:, None]
+    def embedding(self) -> torch.Tensor:
+        """[bins, dim], cached until the buffers change (loading weights can never leave it stale)."""
+        s, u = self.embedding_sum, self.cluster_usage
+        stamp = (s.data_ptr(), s._version, u.data_ptr(), u._version, s.dtype, s.device)
+        if getattr(self, "_cached", (None,))[0] != stamp:
+            self._cached = (stamp, s / u.clamp(min=1e-5)[:, None])
+        return self._cached[1]
 
 
 class ResidualVQ(nn.Module):
@@ -33,21 +38,20 @@ class ResidualVQ(nn.Module):
         self.codebooks = nn.ModuleList([Codebook(cfg.bins, cfg.codebook_dim) for _ in range(n_q)])
 
     def encode(self, latent: torch.Tensor, n_q: int, embeddings: list[torch.Tensor]) -> torch.Tensor:
-        # latent [B, C, F] → codes [B, n_q, F]
-        residual = self.input_proj(latent)  # [B, D, F]
-        B, D, Fr = residual.shape
+        # latent [B, F, C] → codes [B, n_q, F]
+        B, Fr, _ = latent.shape
+        residual = F.linear(latent, self.input_proj.weight[..., 0]).view(B * Fr, -1)  # [B·F, D]
         codes = []
         for emb in embeddings[:n_q]:
-            flat = residual.transpose(1, 2).reshape(-1, D)  # [B·F, D], time-major per item
-            idx = torch.cdist(flat[None], emb[None], p=2)[0].argmin(dim=-1)
-            residual = residual - F.embedding(idx, emb).view(B, Fr, D).transpose(1, 2)
+            idx = torch.cdist(residual[None], emb[None], p=2)[0].argmin(dim=-1)
+            residual = residual - F.embedding(idx, emb)
             codes.append(idx.view(B, Fr))
         return torch.stack(codes, dim=1)
 
     def decode(self, codes: torch.Tensor, embeddings: list[torch.Tensor]) -> torch.Tensor:
-        # codes [B, n, F] → [B, C, F]
+        # codes [B, n, F] → [B, F, C]
         quantized = sum(F.embedding(codes[:, j], embeddings[j]) for j in range(codes.shape[1]))
-        return self.output_proj(quantized.transpose(1, 2))
+        return F.linear(quantized, self.output_proj.weight[..., 0])
 
 
 class SplitResidualVQ(nn.Module):

@@ -79,14 +79,13 @@ class TransformerLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """[B, C, T] → [B, C, T] (conv layout in and out; no final norm, no projections)."""
+    """[B, T, C] → [B, T, C] (no final norm, no input or output projection)."""
 
     def __init__(self, cfg: MimiConfig):
         super().__init__()
         self.layers = nn.ModuleList([TransformerLayer(cfg) for _ in range(cfg.num_layers)])
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        x = x.transpose(1, 2)
         for layer in self.layers:
             x = layer(x, cache)
-        return x.transpose(1, 2)
+        return x
