@@ -51,6 +51,7 @@ _RUN_FLAGS = [
     arg("--max-failure-share", type=float, help="exit 1 above this share of failed clips (default 0.01)"),
     arg("--ray-address", help="Ray cluster to join (default: start a local one)"),
     arg("--channel-policy", help="'mix' or 'channel:K'"),
+    arg("--lock-wait-s", type=float, help="wait this long for another run's lock to be released or go stale"),
 ]
 
 
@@ -73,6 +74,128 @@ def status_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"{manifest.redact(args.output)} has no manifest.json (no run has written there)") from exc
     print(json.dumps(current, indent=2) if args.json else manifest.summarize(current))
     return 0
+
+
+@command("report", "summarize an output: totals, failures, throughput, code usage per codebook level",
+         arg("output", help="output folder URL"),
+         arg("--html", metavar="FILE", help="also write a self-contained HTML page with plots to FILE"),
+         arg("--config", help="YAML config file whose storage_options reach the output"))
+def report_command(args: argparse.Namespace) -> int:
+    from pipeline.report import report  # matplotlib is imported only here
+
+    try:
+        report(args.output, args.html, load_config(args.config).storage_options)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{manifest.redact(args.output)} has no manifest.json (no run has written there)") from exc
+    return 0
+
+
+from pipeline.publish import PublishError  # noqa: E402 (with its subcommand)
+
+EXPECTED_ERRORS += (PublishError,)
+
+
+@command("publish", "upload a finished output to the Hugging Face Hub as a dataset repo (data/train-*.parquet and "
+         "a dataset card); rerun to resume an interrupted upload",
+         arg("output", help="output folder URL of a finished run"),
+         arg("--repo", required=True, metavar="ORG/NAME", help="Hub dataset repo id (created if missing)"),
+         arg("--private", action="store_true", help="create the repo private"),
+         arg("--dry-run", action="store_true", help="stage the dataset and list what would be uploaded; no upload"),
+         arg("--force", action="store_true", help="publish despite an incomplete run or too many failed clips"),
+         arg("--staging", metavar="DIR", help="local staging folder, kept and reused (default: a temporary one)"),
+         arg("--license", default="unknown", help="license id for the card (default unknown)"),
+         arg("--config", help="YAML config file whose storage_options reach the output"))
+def publish_command(args: argparse.Namespace) -> int:
+    from pipeline.publish import run_publish
+
+    return run_publish(args.output, args.repo, private=args.private, dry_run=args.dry_run, force=args.force,
+                       staging=args.staging, license=args.license,
+                       storage_options=load_config(args.config).storage_options)
+
+
+@command("encode", "encode one audio file (any supported format, resampled to 24 kHz, encoded whole) into a .npz "
+         "of Mimi codes: audio_codes int16 [1, K, F], sample_rate, num_codebooks, num_frames, num_samples, "
+         "model_sha256",
+         arg("in_audio", metavar="IN_AUDIO", help="audio file path or URL"),
+         arg("out", metavar="OUT.npz", help="the .npz file to write"),
+         arg("--model", default="kyutai/mimi", help="Hub repo id, local folder or .safetensors file "
+             "(default kyutai/mimi)"),
+         arg("--revision", help="Hub revision of --model"),
+         arg("--num-codebooks", type=int, default=8, help="codebooks kept per frame (default 8)"),
+         arg("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto"),
+         arg("--channel-policy", default="mix", help="'mix' (default) or 'channel:K'"))
+def encode_command(args: argparse.Namespace) -> int:
+    from pipeline.tools import encode_file
+
+    info = encode_file(args.in_audio, args.out, model=args.model, revision=args.revision,
+                       num_codebooks=args.num_codebooks, device=args.device, channel_policy=args.channel_policy)
+    print(f"wrote {args.out}: {info['num_frames']} frames x {info['num_codebooks']} codebooks "
+          f"({info['num_samples'] / info['sample_rate']:.2f} s of audio)")
+    return 0
+
+
+@command("decode", "decode Mimi codes to a 24 kHz WAV. Two forms: `decode IN.npz OUT.wav` decodes a .npz written "
+         "by `encode`; `decode OUTPUT --id CLIP_ID OUT.wav` decodes one clip of a token dataset (the output "
+         "folder of a run). The first argument is read as a .npz file if it ends in .npz, else as an output folder",
+         arg("source", metavar="IN.npz|OUTPUT", help="a .npz of codes, or an output folder URL (with --id)"),
+         arg("out", metavar="OUT.wav", help="the WAV file to write (24 kHz mono, trimmed to the clip's length)"),
+         arg("--id", dest="clip_id", metavar="CLIP_ID", help="the clip's id (the 'id' column) in OUTPUT"),
+         arg("--model", help="weights to decode with (default: those recorded in the .npz or the output's manifest)"),
+         arg("--revision", help="Hub revision of --model"),
+         arg("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto"),
+         arg("--force", action="store_true", help="decode even if the weights differ from the recorded ones"),
+         arg("--pcm16", action="store_true", help="write 16-bit PCM (default: 32-bit float, exact)"),
+         arg("--config", help="YAML config file whose storage_options reach OUTPUT"))
+def decode_command(args: argparse.Namespace) -> int:
+    from pipeline.tools import decode_clip, decode_npz
+
+    options = dict(model=args.model, revision=args.revision, device=args.device, force=args.force,
+                   subtype="PCM_16" if args.pcm16 else "FLOAT")
+    if args.source.lower().endswith(".npz"):
+        if args.clip_id is not None:
+            raise ConfigError("--id selects a clip of an output folder; a .npz file holds one clip (drop --id)")
+        info = decode_npz(args.source, args.out, **options)
+    elif args.clip_id is None:
+        raise ConfigError(f"{args.source} is not a .npz file; to decode a clip of an output folder, pass "
+                          f"--id CLIP_ID (its 'id' column)")
+    else:
+        info = decode_clip(args.source, args.clip_id, args.out, storage_options=load_config(args.config)
+                           .storage_options, **options)
+    print(f"wrote {args.out}: {info['num_samples'] / 24_000:.2f} s at 24 kHz from {info['num_frames']} frames x "
+          f"{info['num_codebooks']} codebooks")
+    return 0
+
+
+@command("sample-corpus", "write a small synthetic speech-like corpus (24 clips, ~2 min; WAV/FLAC/MP3/OGG at "
+         "16-48 kHz, mono and stereo) to try the pipeline on",
+         arg("folder", help="folder to create (pass it to `run --input`)"),
+         arg("--clips", type=int, default=24, help="number of clips (default 24)"),
+         arg("--seed", type=int, default=0, help="random seed (default 0)"),
+         arg("--manifest", action="store_true", help="put the audio under FOLDER/audio and write "
+             "FOLDER/metadata.jsonl (speaker, text, ...); pass the .jsonl to --input"))
+def sample_corpus_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.sample_corpus import describe, make_sample_corpus
+
+    try:
+        input_url = make_sample_corpus(args.folder, n_clips=args.clips, seed=args.seed, manifest=args.manifest)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    print(f"wrote {describe(args.folder)} to {args.folder}. Tokenize it with:\n"
+          f"  mimi-tokenize run --input {input_url} --output {Path(args.folder).name}-tokens")
+    return 0
+
+
+@command("demo", "the whole pipeline offline in about a minute: sample corpus + UNTRAINED generated weights "
+         "(tiny architecture) → a real run on local Ray → status and the next commands to try",
+         arg("--output", default="demo-output", help="output folder (default ./demo-output)"),
+         arg("--workdir", default="demo-work", help="folder for the corpus and the weights (default ./demo-work)"),
+         arg("--clips", type=int, default=24, help="clips in the sample corpus (default 24)"))
+def demo_command(args: argparse.Namespace) -> int:
+    from pipeline.demo import demo
+
+    return demo(args.output, args.workdir, n_clips=args.clips, available_commands=set(_COMMANDS))
 
 
 def build_parser() -> argparse.ArgumentParser:

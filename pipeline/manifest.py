@@ -40,6 +40,8 @@ REDACTED = "***"
 _SECRET_KEY = re.compile(r"token(?!s|iz)|secret|passw(?:or)?d|key|credential|authorization", re.IGNORECASE)
 _URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 _DISTRIBUTIONS = ("torch", "ray", "pyarrow", "mimi-tokenize")
+UNTRAINED_NOTE = ("UNTRAINED: generated random weights (mimi-tokenize demo / tests), not a trained Mimi. The codes "
+                  "carry no meaning; use them only to try the pipeline, never to train a model.")
 
 
 class IncompatibleOutputError(RuntimeError):
@@ -74,10 +76,14 @@ def redact(config: Any) -> Any:
 
 def make_run(config: dict[str, Any], model: dict[str, Any], num_codebooks: int,
              created: float | None = None) -> dict[str, Any]:
-    """The run identity stored in ``_state/run.json``; ``model`` is ``{source, revision, sha256}``."""
+    """The run identity stored in ``_state/run.json``; ``model`` is ``{source, revision, sha256}``, plus
+    ``untrained: True`` for generated random weights (recorded with a note; absent for real weights)."""
+    model_record = {k: model.get(k) for k in ("source", "revision", "sha256")}
+    if model.get("untrained"):
+        model_record.update(untrained=True, note=UNTRAINED_NOTE)
     return {
         "config": redact(config),
-        "model": {k: model.get(k) for k in ("source", "revision", "sha256")},
+        "model": model_record,
         "num_codebooks": num_codebooks,
         "schema_version": SCHEMA_VERSION,
         "created": _iso(time.time() if created is None else created),
@@ -263,6 +269,8 @@ def summarize(manifest: dict[str, Any]) -> str:
         f"audio: {totals['hours']:.2f} h in {totals['clips']:,} clips; "
         f"{totals['failed_clips']:,} failed ({100 * failure_share(manifest):.2f}%)",
     ]
+    if manifest["model"].get("untrained"):
+        lines.append(f"model: {manifest['model'].get('note') or UNTRAINED_NOTE}")
     if totals["failed_by_class"]:
         lines.append("failures: " + ", ".join(f"{cls} {n:,}" for cls, n in totals["failed_by_class"].items()))
     lines.append(f"codes: {totals['frames']:,} frames × {manifest['num_codebooks']} codebooks = "

@@ -44,6 +44,7 @@ from pipeline.encode import encode_clips
 from pipeline.prepare import prepare_clip, prepare_shard
 from pipeline.sources import discover_shards, iter_clips
 from pipeline.storage import RunLock, join
+from pipeline.tools import is_untrained
 from pipeline.types import Clip, ClipFailure, Shard
 from pipeline.writer import write_shard
 
@@ -72,6 +73,7 @@ class ModelFiles:
     name: str
     weights: bytes
     config_json: bytes | None
+    untrained: bool = False  # generated random weights (labelled in their safetensors metadata)
 
     def load(self, device: str, dtype: torch.dtype):
         with tempfile.TemporaryDirectory() as folder:
@@ -93,14 +95,15 @@ def load_model_files(cfg: RunConfig) -> ModelFiles:
         raise RunError(f"num_codebooks is {cfg.num_codebooks} but {source} has only {model.max_codebooks} codebooks")
     config_json = path.parent / "config.json"
     return ModelFiles(source, cfg.revision, sha256_file(path), path.name, path.read_bytes(),
-                      config_json.read_bytes() if config_json.is_file() else None)
+                      config_json.read_bytes() if config_json.is_file() else None, is_untrained(path))
 
 
 def file_metadata(model_files: ModelFiles, shard: Shard) -> dict[str, str]:
     """Key-value metadata of a shard's Parquet file; deterministic, so a redone shard is byte-identical."""
     return {"shard_id": shard.shard_id, "model_source": model_files.source,
             "model_revision": model_files.revision or "", "model_sha256": model_files.sha256,
-            "sample_rate": "24000", "frame_rate": "12.5"}
+            "sample_rate": "24000", "frame_rate": "12.5",
+            **({"model_untrained": "true"} if model_files.untrained else {})}
 
 
 # --- Ray tasks and actors ------------------------------------------------------------------------------------------
@@ -360,7 +363,8 @@ class _Every:
 
 
 def _init_run(cfg: RunConfig, model_files: ModelFiles) -> dict[str, Any]:
-    model = {"source": model_files.source, "revision": model_files.revision, "sha256": model_files.sha256}
+    model = {"source": model_files.source, "revision": model_files.revision, "sha256": model_files.sha256,
+             "untrained": model_files.untrained}
     run = manifest.make_run(cfg.to_dict(), model, cfg.num_codebooks)
     stored = manifest.init_run(cfg.output, run, cfg.storage_options)
     changed = [f"{k}: output has {stored['config'].get(k)!r}, this run has {run['config'][k]!r}"
@@ -382,7 +386,8 @@ def _discover(cfg: RunConfig) -> list[Shard]:
 def _progress_line(m: dict[str, Any]) -> str:
     totals, timing = m["totals"], m["timing"]
     eta = f", ETA {timing['eta_s'] / 60:.1f} min" if timing["eta_s"] is not None else ""
-    return (f"{totals['shards_done']}/{totals['shards']} shards, {totals['hours']:.2f} h of audio, "
+    label = "[UNTRAINED model] " if m["model"].get("untrained") else ""
+    return (f"{label}{totals['shards_done']}/{totals['shards']} shards, {totals['hours']:.2f} h of audio, "
             f"{timing['x_realtime']:.1f}x realtime{eta}, {totals['failed_clips']} failed clip(s)")
 
 
@@ -437,8 +442,11 @@ def run(cfg: RunConfig) -> int:
     cfg = dataclasses.replace(cfg, input=_absolute(cfg.input), output=_absolute(cfg.output))
     session_start = time.time()
     model_files = load_model_files(cfg)
+    if model_files.untrained:
+        log.warning("model %s holds UNTRAINED generated weights: the codes carry no meaning (for trying the "
+                    "pipeline only); the manifest records model.untrained = true", model_files.source)
     lock = RunLock(cfg.output, run_id=uuid.uuid4().hex[:12], storage_options=cfg.storage_options)
-    lock.acquire()
+    lock.acquire(wait_s=cfg.lock_wait_s)
     try:
         run_record = _init_run(cfg, model_files)
         shards = _discover(cfg)
