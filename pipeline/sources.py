@@ -318,13 +318,14 @@ def _iter_manifest(shard: Shard, storage_options: dict) -> Iterator[ClipItem]:
 
 
 def _manifest_clip(row: dict[str, Any], index: int, manifest_uri: str, storage_options: dict) -> ClipItem:
-    has_id = row.get("id") not in (None, "")
+    given_id = row.pop("id", None)  # becomes the clip id (the `id` column), not a metadata column too
+    has_id = given_id not in (None, "")
     try:
         written = row.pop(_uri_column(row, manifest_uri))
     except ValueError as exc:
-        clip_id = str(row["id"]) if has_id else f"row-{index:08d}"
+        clip_id = str(given_id) if has_id else f"row-{index:08d}"
         return ClipFailure.from_exception(clip_id, f"{manifest_uri}#{index}", "read", exc)
-    return _read_clip(str(row["id"]) if has_id else written, _resolve(written, manifest_uri), row, storage_options)
+    return _read_clip(str(given_id) if has_id else written, _resolve(written, manifest_uri), row, storage_options)
 
 
 def _manifest_rows(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[dict[str, Any]]:

@@ -297,7 +297,7 @@ def test_jsonl_manifest(clip_files: Path) -> None:
     utt1, b, gone, abs_, no_uri = items
     assert utt1.source_uri == f"file://{clip_files}/clips/a.wav"
     assert utt1.data == (clip_files / "clips" / "a.wav").read_bytes()
-    assert utt1.metadata == {"id": "utt1", "text": "hi", "speaker": 3}
+    assert utt1.metadata == {"text": "hi", "speaker": 3}
     assert b.metadata == {"text": "yo", "extra": {"x": [1, 2]}}
     assert gone.source_uri == f"file://{clip_files}/clips/missing.wav"
     assert abs_.data == (clip_files / "elsewhere.wav").read_bytes()
