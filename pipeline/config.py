@@ -47,6 +47,7 @@ class RunConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (credentials, endpoint)
     ray_address: str | None = None  # Ray cluster to join ("auto", "ray://host:10001"); None: start a local one
     progress_interval_s: float = 30.0  # seconds between progress logs / manifest.json updates
+    lock_wait_s: float = 0.0  # wait this long for another run's lock to be released or go stale; 0: refuse at once
 
     def to_dict(self) -> dict[str, Any]:
         """All settings as plain data (for the run snapshot; redact before storing)."""
@@ -71,6 +72,7 @@ class RunConfig:
             (0 <= self.shard_retries <= 10, f"shard_retries must be in [0, 10], got {self.shard_retries}"),
             (0 <= self.max_failure_share <= 1, f"max_failure_share must be in [0, 1], got {self.max_failure_share}"),
             (self.progress_interval_s > 0, f"progress_interval_s must be > 0, got {self.progress_interval_s}"),
+            (self.lock_wait_s >= 0, f"lock_wait_s must be >= 0, got {self.lock_wait_s}"),
         ]
         errors = [message for ok, message in checks if not ok]
         if errors:

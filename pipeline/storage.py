@@ -220,11 +220,20 @@ class RunLock:
             f"(or acquiring with force=True)."
         )
 
-    def acquire(self, force: bool = False) -> None:
-        """Take the lock; raise :class:`OutputLockedError` if a live run holds it (unless ``force``)."""
-        current = self._read()
-        if current is not None and current["token"] != self.token and not force and not self._is_stale(current):
-            raise self._locked_error(current, "cannot start")
+    def acquire(self, force: bool = False, wait_s: float = 0.0, poll_s: float = 5.0) -> None:
+        """Take the lock; raise :class:`OutputLockedError` if a live run holds it (unless ``force``).
+
+        ``wait_s`` > 0 waits that long for the holder to release the lock or for it to go stale (a retried job
+        whose killed predecessor's heartbeat is still fresh) before giving up.
+        """
+        deadline = time.time() + wait_s
+        while True:
+            current = self._read()
+            if current is None or current["token"] == self.token or force or self._is_stale(current):
+                break
+            if time.time() >= deadline:
+                raise self._locked_error(current, "cannot start")
+            time.sleep(min(poll_s, max(0.0, deadline - time.time())))
         write_json(self.url, self._record(), self.storage_options)
         time.sleep(self.settle_s)
         self._ensure_ours("lost the race for the lock")

@@ -166,6 +166,17 @@ def test_lock_stale_heartbeat_is_taken_over_and_old_owner_notices(tmp_path):
     assert storage.read_json(storage.join(root, "_state/lock.json"))["run_id"] == "new"
 
 
+def test_lock_wait_takes_over_once_the_holder_goes_stale(tmp_path):
+    root = str(tmp_path)
+    _lock(root, "killed", stale_after_s=1.0).acquire()  # never refreshed again, like a SIGKILLed run
+    with pytest.raises(OutputLockedError):
+        _lock(root, "retry", stale_after_s=1.0).acquire(wait_s=0.2, poll_s=0.05)
+    start = time.time()
+    _lock(root, "retry", stale_after_s=1.0).acquire(wait_s=5.0, poll_s=0.05)
+    assert 0.5 < time.time() - start < 3.0
+    assert storage.read_json(storage.join(root, "_state/lock.json"))["run_id"] == "retry"
+
+
 def test_lock_dead_pid_on_same_host_is_stale(tmp_path):
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(proc.stdout)
