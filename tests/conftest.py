@@ -8,6 +8,15 @@ from typing import Any
 
 import pytest
 
+import mimi
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> str:
+    """A small random Mimi checkpoint in the moshi layout, loaded by the tests through the real `load_mimi`."""
+    return str(mimi.write_random_checkpoint(tmp_path_factory.mktemp("model") / "tiny.safetensors",
+                                            mimi.MimiConfig.tiny()))
+
 
 # --- s3_server: a local S3 (moto in server mode) for storage tests -------------------------------------------------
 

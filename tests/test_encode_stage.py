@@ -10,9 +10,8 @@ from pipeline.types import SAMPLE_RATE, Clip
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = mimi.write_random_checkpoint(tmp_path_factory.mktemp("model") / "tiny.safetensors", mimi.MimiConfig.tiny())
-    return mimi.load_mimi(path)
+def model(tiny_model_path):
+    return mimi.load_mimi(tiny_model_path)
 
 
 def clip(i: int, seconds: float) -> Clip:

@@ -21,7 +21,6 @@ import yaml
 from huggingface_hub import HfApi
 from huggingface_hub.hf_api import RepoFile, RepoFolder
 
-import mimi
 from audio_fixtures import corrupt_bytes, write_audio
 from pipeline import manifest, publish
 from pipeline.cli import main
@@ -36,7 +35,7 @@ STORAGE_SECRET = "storageSECRET-abc987"
 
 
 @pytest.fixture(scope="module")
-def output(tmp_path_factory) -> Path:
+def output(tmp_path_factory, tiny_model_path) -> Path:
     """A finished run: 5 good clips in 3 shards, 1 corrupt file (failure share 1/6), a token in storage_options."""
     root = tmp_path_factory.mktemp("publish")
     corpus = root / "corpus"
@@ -46,7 +45,7 @@ def output(tmp_path_factory) -> Path:
         write_audio(corpus / f"set{i % 2}" / f"clip{i:02d}.{'flac' if fmt == 'flac' else 'wav'}", fmt, sr, seconds,
                     channels, seed=i)
     (corpus / "set0" / "corrupt.wav").write_bytes(corrupt_bytes())
-    model = mimi.write_random_checkpoint(root / "tiny.safetensors", mimi.MimiConfig.tiny())
+    model = tiny_model_path
     cfg = RunConfig(input=str(corpus), output=str(root / "out"), model=str(model), num_codebooks=K, files_per_shard=2,
                     device="cpu", max_failure_share=0.5, storage_options={"token": STORAGE_SECRET})
     assert run(cfg) == 0

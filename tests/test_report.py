@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-import mimi
 from audio_fixtures import corrupt_bytes, write_audio
 from pipeline import manifest, report
 from pipeline.cli import main
@@ -32,7 +31,7 @@ BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 @pytest.fixture(scope="module")
-def output(tmp_path_factory) -> str:
+def output(tmp_path_factory, tiny_model_path) -> str:
     """A finished output: 5 good clips in 3 shards, plus a corrupt and an empty file (2 failures)."""
     root = tmp_path_factory.mktemp("corpus")
     specs = [("wav_pcm16", 16_000, 0.9, 1), ("flac", 44_100, 1.3, 2), ("wav_float", 24_000, 2.5, 1),
@@ -42,8 +41,7 @@ def output(tmp_path_factory) -> str:
         write_audio(root / f"clip{i:02d}.{ext}", fmt, sr, seconds, channels, seed=i)
     (root / "corrupt.wav").write_bytes(corrupt_bytes())
     (root / "empty.flac").write_bytes(b"")
-    model = mimi.write_random_checkpoint(tmp_path_factory.mktemp("model") / "tiny.safetensors",
-                                         mimi.MimiConfig.tiny())
+    model = tiny_model_path
     out = str(tmp_path_factory.mktemp("out") / "out")
     ray.init(num_cpus=2, include_dashboard=False)
     try:

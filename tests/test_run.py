@@ -37,9 +37,8 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> str:
-    return str(mimi.write_random_checkpoint(tmp_path_factory.mktemp("model") / "tiny.safetensors",
-                                            mimi.MimiConfig.tiny()))
+def model_path(tiny_model_path) -> str:
+    return tiny_model_path
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,8 @@ from pipeline.tools import NPZ_KEYS, is_untrained, mark_untrained
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> str:
-    return str(mimi.write_random_checkpoint(tmp_path_factory.mktemp("w") / "tiny.safetensors", mimi.MimiConfig.tiny()))
+def ckpt(tiny_model_path) -> str:
+    return tiny_model_path
 
 
 @pytest.fixture(scope="module")
