@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import logging
 import os
 import platform
 import shlex
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="/tmp/mimi-bench-pipeline", help="corpus and weights are kept here")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown block for BENCHMARKS.md")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     work = Path(args.workdir)
     corpus = work / f"flac-{args.minutes:g}min-{args.clip_seconds:g}s"

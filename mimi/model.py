@@ -69,6 +69,7 @@ class MimiModel(nn.Module):
             raise ValueError("cannot encode empty audio (T = 0)")
         if not 1 <= num_codebooks <= self.max_codebooks:
             raise ValueError(f"num_codebooks must be in [1, {self.max_codebooks}], got {num_codebooks}")
+        owned = None if lengths is None else self._owned_frames(lengths, B, T)
         param = next(self.parameters())
         n_frames = self.num_frames(T)
         wav = nn.functional.pad(wav.to(device=param.device, dtype=param.dtype), (0, n_frames * self.frame_size - T))
@@ -79,7 +80,9 @@ class MimiModel(nn.Module):
         codes = [self.quantizer.encode(self._latent(wav[:, s:s + step], cache), num_codebooks, embeddings)
                  for s in range(0, wav.shape[1], step)]
         codes = torch.cat(codes, dim=-1)
-        return codes if lengths is None else self._mask_padding(codes, lengths)
+        if owned is not None:  # frames past a clip's end: -1
+            codes.masked_fill_(torch.arange(n_frames, device=codes.device) >= owned.to(codes.device)[:, None, None], -1)
+        return codes
 
     def _latent(self, wav: torch.Tensor, cache: dict) -> torch.Tensor:
         """[B, n·1920, 1] → unquantized 12.5 Hz latent [B, n, C], carrying state in ``cache``.
@@ -96,15 +99,13 @@ class MimiModel(nn.Module):
         x = self.encoder(x, cache, split)
         return self.downsample(self.encoder_transformer(x, cache), cache)
 
-    def _mask_padding(self, codes: torch.Tensor, lengths: torch.Tensor | list[int]) -> torch.Tensor:
-        lengths = torch.as_tensor(lengths, device=codes.device).view(-1)
-        if lengths.shape[0] != codes.shape[0]:
-            raise ValueError(f"lengths has {lengths.shape[0]} entries for a batch of {codes.shape[0]}")
-        if (lengths <= 0).any() or (lengths > codes.shape[-1] * self.frame_size).any():
-            raise ValueError(f"lengths must be in [1, T], got {lengths.tolist()}")
-        owned = (lengths + self.frame_size - 1) // self.frame_size
-        pad = torch.arange(codes.shape[-1], device=codes.device)[None, :] >= owned[:, None]
-        return codes.masked_fill(pad[:, None, :], -1)
+    def _owned_frames(self, lengths: torch.Tensor | list[int], batch: int, T: int) -> torch.Tensor:
+        lengths = torch.as_tensor(lengths).view(-1)
+        if lengths.shape[0] != batch:
+            raise ValueError(f"lengths has {lengths.shape[0]} entries for a batch of {batch}")
+        if (lengths <= 0).any() or (lengths > T).any():
+            raise ValueError(f"lengths must be in [1, T = {T}], got {lengths.tolist()}")
+        return (lengths + self.frame_size - 1) // self.frame_size
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ class Codebook(nn.Module):
     def embedding(self) -> torch.Tensor:
         """[bins, dim], cached until the buffers change (loading weights can never leave it stale)."""
         s, u = self.embedding_sum, self.cluster_usage
-        stamp = (s.data_ptr(), s._version, u.data_ptr(), u._version, s.dtype, s.device)
+        stamp = (s.data_ptr(), s._version, u.data_ptr(), u._version, s.dtype, s.device, torch.is_inference_mode_enabled())
         if getattr(self, "_cached", (None,))[0] != stamp:
             self._cached = (stamp, s / u.clamp(min=1e-5)[:, None])
         return self._cached[1]

@@ -40,19 +40,24 @@ class CausalConv1d(nn.Module):
         self._packed: tuple | None = None
 
     def packed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The GEMM operand and bias row, rebuilt whenever the weights change (load, .to(), in-place edits)."""
+        """The GEMM operand and bias row. Cached until the weights change (load, .to(), in-place edits); rebuilt on
+        every call, differentiably, when autograd tracks the weights."""
         w, b = self.weight, self.bias
-        stamp = (w.data_ptr(), w._version, w.dtype, w.device) + ((b.data_ptr(), b._version) if b is not None else ())
+        if torch.is_grad_enabled() and w.requires_grad:
+            return self._pack(w), b
+        stamp = (w.data_ptr(), w._version, w.dtype, w.device, torch.is_inference_mode_enabled()) + (
+            (b.data_ptr(), b._version) if b is not None else ())  # an inference-mode tensor is unusable outside it
         if self._packed is None or self._packed[0] != stamp:
-            cout, cin, k = w.shape
-            taps = w.detach().permute(2, 1, 0)  # [k, Cin, Cout]: row tap·Cin + c
-            if self.im2col:
-                mat = taps.reshape(k * cin, cout)
-            else:
-                s = self.stride
-                mat = torch.cat([taps[j * s:(j + 1) * s].reshape(s * cin, cout) for j in range(self.groups)], dim=1)
-            self._packed = (stamp, mat.contiguous(), None if b is None else b.detach())
+            self._packed = (stamp, self._pack(w.detach()), None if b is None else b.detach())
         return self._packed[1], self._packed[2]
+
+    def _pack(self, w: torch.Tensor) -> torch.Tensor:
+        cout, cin, k = w.shape
+        taps = w.permute(2, 1, 0)  # [k, Cin, Cout]: row tap·Cin + c
+        if self.im2col:
+            return taps.reshape(k * cin, cout).contiguous()
+        s = self.stride
+        return torch.cat([taps[j * s:(j + 1) * s].reshape(s * cin, cout) for j in range(self.groups)], dim=1)
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         B, T, C = x.shape

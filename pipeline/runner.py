@@ -135,6 +135,10 @@ class ShardEncoder:
         self.device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
         if cfg.device == "cuda" and self.device != "cuda":
             raise RunError("device is 'cuda' but CUDA is not available to the encoder")
+        if self.device == "cpu":
+            # Ray pins a 1-CPU actor to one thread; a CPU encoder may use the node's cores, sharing them with the
+            # decode tasks (the thread count does not change the codes: tests/test_mimi_model.py).
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // (cfg.num_encoders or 1)))
         self.model = model_files.load(self.device, getattr(torch, cfg.dtype))
 
     def info(self) -> dict[str, Any]:
