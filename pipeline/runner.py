@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 ENCODER_QUEUE_DEPTH = 2  # shards submitted to one encoder at a time: one encoding, one waiting
 LOCK_REFRESH_S = 30.0  # RunLock heartbeat period (its stale_after_s is 120 s)
-SETTINGS_FIXED_ON_RESUME = ("input", "files_per_shard", "channel_policy")  # change which clips / codes a shard holds
+SETTINGS_FIXED_ON_RESUME = ("input", "files_per_shard", "channel_policy", "dtype")  # change which clips / codes a shard holds
 
 
 class RunError(RuntimeError):

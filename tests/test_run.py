@@ -3,6 +3,7 @@ to the model's on the same decoded audio; failures, S3, rerun, refusals, and rea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -128,6 +129,8 @@ def test_end_to_end(corpus, model_path, tmp_path, caplog, capsys):
     assert main(["run", "--input", str(corpus), "--output", out, "--model", model_path, "--files-per-shard", "3",
                  "--num-codebooks", "4"]) == 2
     assert "num_codebooks: output has 8, this run has 4" in capsys.readouterr().err
+    with pytest.raises(manifest.IncompatibleOutputError, match="dtype"):  # bf16 codes differ from float32 ones
+        run(dataclasses.replace(cfg, dtype="bfloat16"))
 
     # status shows the output
     assert main(["status", out]) == 0
