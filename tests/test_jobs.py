@@ -172,11 +172,6 @@ def assert_no_secret(where: str, text: str | bytes) -> None:
 
 
 @pytest.fixture(scope="module")
-def model_path(tiny_model_path) -> str:
-    return tiny_model_path
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """5 clips (WAV/FLAC, 16-44.1 kHz, mono/stereo): 3 shards of 2, 2 and 1 files."""
     root = tmp_path_factory.mktemp("corpus")
@@ -187,9 +182,9 @@ def corpus(tmp_path_factory) -> Path:
     return root
 
 
-def reference_codes(corpus: Path, model_path: str) -> dict[str, np.ndarray]:
+def reference_codes(corpus: Path, tiny_model_path: str) -> dict[str, np.ndarray]:
     """id → [F, K] codes of every clip, decoded by the pipeline's functions and encoded alone, here (no Ray)."""
-    model = mimi.load_mimi(model_path)
+    model = mimi.load_mimi(tiny_model_path)
     ref = {}
     for shard in discover_shards(str(corpus), files_per_shard=FILES_PER_SHARD):
         for clip in prepare_shard(shard)[0]:
@@ -225,7 +220,7 @@ def test_workers_see_the_clusters_secrets_and_the_package(cluster):
     assert_no_secret("the preflight job's logs", logs)
 
 
-def test_run_as_a_job_then_resume(cluster, corpus, model_path, tmp_path_factory):
+def test_run_as_a_job_then_resume(cluster, corpus, tiny_model_path, tmp_path_factory):
     """The Jobs API runs `mimi-tokenize run --ray-address auto` on the cluster: exact codes out; resubmitting the
     same command resumes (nothing redone, nothing duplicated, the manifest untouched); no secret anywhere."""
     client = cluster["client"]
@@ -233,7 +228,7 @@ def test_run_as_a_job_then_resume(cluster, corpus, model_path, tmp_path_factory)
     cluster["output"] = out
     # The package is installed (editable) in the cluster's Python, as in an image with it baked in (option (a) of
     # jobs/runtime_env.yaml): no working_dir needed; every path is absolute and on this machine.
-    entrypoint = (f"mimi-tokenize run --input {corpus} --output {out} --model {model_path} "
+    entrypoint = (f"mimi-tokenize run --input {corpus} --output {out} --model {tiny_model_path} "
                   f"--num-codebooks {NUM_CODEBOOKS} --files-per-shard {FILES_PER_SHARD} --ray-address auto")
     first = client.submit_job(entrypoint=entrypoint, submission_id=f"mimi-run-{uuid.uuid4().hex[:8]}")
     logs = wait_job(client, first)
@@ -245,7 +240,7 @@ def test_run_as_a_job_then_resume(cluster, corpus, model_path, tmp_path_factory)
     assert (final["totals"]["shards"], final["totals"]["shards_done"], final["totals"]["clips"],
             final["totals"]["failed_clips"]) == (3, 3, 5, 0)
     rows = read_rows(out)
-    ref = reference_codes(corpus, model_path)
+    ref = reference_codes(corpus, tiny_model_path)
     assert sorted(rows) == sorted(ref) and len(rows) == 5
     for clip_id, codes in ref.items():
         np.testing.assert_array_equal(rows[clip_id], codes, err_msg=clip_id)
@@ -269,12 +264,12 @@ def test_run_as_a_job_then_resume(cluster, corpus, model_path, tmp_path_factory)
             assert_no_secret(f"Ray log {file.name}", file.read_bytes())
 
 
-def test_submit_script(cluster, corpus, model_path, tmp_path_factory):
+def test_submit_script(cluster, corpus, tiny_model_path, tmp_path_factory):
     """jobs/submit.sh: uploads the repository with jobs/runtime_env.yaml, derives the submission id from the output
     URL, follows the job and exits with its outcome; a second submission for the output gets the next id."""
     out = cluster.get("output") or tmp_path_factory.mktemp("script-output") / "out"
     config = tmp_path_factory.mktemp("script-config") / "run.yaml"
-    config.write_text(yaml.safe_dump({"input": str(corpus), "output": str(out), "model": model_path,
+    config.write_text(yaml.safe_dump({"input": str(corpus), "output": str(out), "model": tiny_model_path,
                                       "num_codebooks": NUM_CODEBOOKS, "files_per_shard": FILES_PER_SHARD}))
     env = {**cluster["env"], "RAY_ADDRESS": cluster["url"]}
     prefix = f"mimi-tokenize-{hashlib.sha256(str(out).encode()).hexdigest()[:12]}"

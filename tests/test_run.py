@@ -38,11 +38,6 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def model_path(tiny_model_path) -> str:
-    return tiny_model_path
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """9 good clips (WAV/FLAC/MP3, 8-48 kHz, mono/stereo, 0.3-2.5 s), a corrupt file and an empty file."""
     root = tmp_path_factory.mktemp("corpus")
@@ -57,9 +52,9 @@ def corpus(tmp_path_factory) -> Path:
     return root
 
 
-def reference_codes(input_url: str, model_path: str, k: int, files_per_shard: int, storage_options=None):
+def reference_codes(input_url: str, tiny_model_path: str, k: int, files_per_shard: int, storage_options=None):
     """id → [F, K] codes of each clip decoded by the pipeline's own functions and encoded alone."""
-    model = mimi.load_mimi(model_path)
+    model = mimi.load_mimi(tiny_model_path)
     ref = {}
     for shard in discover_shards(input_url, files_per_shard=files_per_shard, storage_options=storage_options):
         for clip in prepare_shard(shard, storage_options=storage_options)[0]:
@@ -89,9 +84,9 @@ def read_output(output: str, storage_options=None) -> dict[str, np.ndarray]:
     return rows
 
 
-def test_end_to_end(corpus, model_path, tmp_path, caplog, capsys):
+def test_end_to_end(corpus, tiny_model_path, tmp_path, caplog, capsys):
     out = str(tmp_path / "out")
-    cfg = RunConfig(input=str(corpus), output=out, model=model_path, num_codebooks=8, files_per_shard=3,
+    cfg = RunConfig(input=str(corpus), output=out, model=tiny_model_path, num_codebooks=8, files_per_shard=3,
                     batch_max_seconds=3.0, max_failure_share=0.5, progress_interval_s=0.5)
     with caplog.at_level(logging.INFO, logger="pipeline.runner"):
         assert run(cfg) == 0
@@ -107,7 +102,7 @@ def test_end_to_end(corpus, model_path, tmp_path, caplog, capsys):
 
     # the Parquet output, read with pyarrow and with datasets, holds exactly the model's codes
     rows = read_output(out)
-    assert_codes_equal(rows, reference_codes(str(corpus), model_path, 8, 3))
+    assert_codes_equal(rows, reference_codes(str(corpus), tiny_model_path, 8, 3))
     from datasets import load_dataset
 
     ds = load_dataset("parquet", data_files=f"{out}/data/*.parquet", split="train")
@@ -120,13 +115,13 @@ def test_end_to_end(corpus, model_path, tmp_path, caplog, capsys):
     before = (tmp_path / "out" / "manifest.json").read_bytes()
     assert run(cfg) == 0
     # ... and its exit code follows max_failure_share: 2 of 11 clips failed
-    assert main(["run", "--input", str(corpus), "--output", out, "--model", model_path, "--files-per-shard", "3",
+    assert main(["run", "--input", str(corpus), "--output", out, "--model", tiny_model_path, "--files-per-shard", "3",
                  "--max-failure-share", "0.1"]) == 1
     assert (tmp_path / "out" / "manifest.json").read_bytes() == before
 
     # resuming with other settings is refused with a clear one-line error, exit code 2
     capsys.readouterr()
-    assert main(["run", "--input", str(corpus), "--output", out, "--model", model_path, "--files-per-shard", "3",
+    assert main(["run", "--input", str(corpus), "--output", out, "--model", tiny_model_path, "--files-per-shard", "3",
                  "--num-codebooks", "4"]) == 2
     assert "num_codebooks: output has 8, this run has 4" in capsys.readouterr().err
     with pytest.raises(manifest.IncompatibleOutputError, match="dtype"):  # bf16 codes differ from float32 ones
@@ -137,12 +132,12 @@ def test_end_to_end(corpus, model_path, tmp_path, caplog, capsys):
     assert "status: complete — 4/4 shards done" in capsys.readouterr().out
 
 
-def test_locked_output_is_refused(corpus, model_path, tmp_path, capsys):
+def test_locked_output_is_refused(corpus, tiny_model_path, tmp_path, capsys):
     out = str(tmp_path / "out")
     lock = RunLock(out, run_id="other-run", settle_s=0)
     lock.acquire()
     try:
-        assert main(["run", "--input", str(corpus), "--output", out, "--model", model_path]) == 2
+        assert main(["run", "--input", str(corpus), "--output", out, "--model", tiny_model_path]) == 2
     finally:
         lock.release()
     err = capsys.readouterr().err
@@ -150,17 +145,17 @@ def test_locked_output_is_refused(corpus, model_path, tmp_path, capsys):
     assert not (tmp_path / "out" / "data").exists()
 
 
-def test_expected_errors_are_one_line(tmp_path, model_path, capsys):
+def test_expected_errors_are_one_line(tmp_path, tiny_model_path, capsys):
     assert main(["run", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o"),
-                 "--model", model_path]) == 2
+                 "--model", tiny_model_path]) == 2
     assert main(["run", "--input", str(tmp_path), "--output", str(tmp_path / "o"),
                  "--model", str(tmp_path / "nope.safetensors")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "input not found" in err[0] and "neither a local file" in err[1]
 
 
-def test_one_encoder_actor_per_gpu(model_path, tmp_path):
-    cfg = RunConfig(input="-", output=str(tmp_path), model=model_path)
+def test_one_encoder_actor_per_gpu(tiny_model_path, tmp_path):
+    cfg = RunConfig(input="-", output=str(tmp_path), model=tiny_model_path)
     pool = EncoderPool(cfg, ray.put(load_model_files(cfg)), 2)
     try:
         assert sorted(tuple(i["gpu_ids"]) for i in pool.infos) == [("0",), ("1",)]
@@ -170,16 +165,16 @@ def test_one_encoder_actor_per_gpu(model_path, tmp_path):
         pool.shutdown()
 
 
-def test_s3_input_and_output(corpus, model_path, s3_server, s3_url):
+def test_s3_input_and_output(corpus, tiny_model_path, s3_server, s3_url):
     import s3fs
 
     options = s3_server["storage_options"]
     s3fs.S3FileSystem(**options).put(str(corpus) + "/", f"{s3_url}/in/", recursive=True)
-    cfg = RunConfig(input=f"{s3_url}/in", output=f"{s3_url}/out", model=model_path, files_per_shard=4,
+    cfg = RunConfig(input=f"{s3_url}/in", output=f"{s3_url}/out", model=tiny_model_path, files_per_shard=4,
                     max_failure_share=0.5, storage_options=options)
     assert run(cfg) == 0
     rows = read_output(cfg.output, options)
-    assert_codes_equal(rows, reference_codes(cfg.input, model_path, 8, 4, options))
+    assert_codes_equal(rows, reference_codes(cfg.input, tiny_model_path, 8, 4, options))
     final = manifest.read_manifest(cfg.output, options)
     assert final["status"] == "complete" and final["totals"]["failed_clips"] == 2
     assert final["config"]["storage_options"]["secret"] == manifest.REDACTED
@@ -209,7 +204,7 @@ class Killer(threading.Thread):
             time.sleep(0.003)
 
 
-def test_worker_deaths_are_retried_and_isolated(model_path, tmp_path):
+def test_worker_deaths_are_retried_and_isolated(tiny_model_path, tmp_path):
     root = tmp_path / "in"
     for i, seconds in enumerate([1.0, 2.0, 1.5]):
         write_audio(root / f"a{i}.wav", "wav_pcm16", 16_000, seconds, seed=i)
@@ -218,7 +213,7 @@ def test_worker_deaths_are_retried_and_isolated(model_path, tmp_path):
     # shards: files-00000 [a0, a1], files-00001 [a2, b_bad], files-00002 [c0]
     killer = Killer({"ray::decode:files-00001": 2, "ray::prepare_clip:b_bad.flac": 2, "ray::ShardEncoder.process": 1})
     killer.start()
-    cfg = RunConfig(input=str(root), output=str(tmp_path / "out"), model=model_path, files_per_shard=2,
+    cfg = RunConfig(input=str(root), output=str(tmp_path / "out"), model=tiny_model_path, files_per_shard=2,
                     shard_retries=1, max_failure_share=0.5)
     try:
         code = run(cfg)
@@ -232,6 +227,6 @@ def test_worker_deaths_are_retried_and_isolated(model_path, tmp_path):
     [failure] = done["files-00001"]["failures"]
     assert (failure["clip_id"], failure["stage"]) == ("b_bad.flac", "crash")
     assert sorted(r["attempt"] for r in done.values()) == [1, 1, 2]  # the shard whose encoder died was redone
-    ref = reference_codes(str(root), model_path, 8, 2)
+    ref = reference_codes(str(root), tiny_model_path, 8, 2)
     del ref["b_bad.flac"]
     assert_codes_equal(read_output(cfg.output), ref)
