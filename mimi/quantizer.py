@@ -26,7 +26,7 @@ class Codebook(nn.Module):
         s, u = self.embedding_sum, self.cluster_usage
         stamp = (s.data_ptr(), s._version, u.data_ptr(), u._version, s.dtype, s.device, torch.is_inference_mode_enabled())
         if getattr(self, "_cached", (None,))[0] != stamp:
-            self._cached = (stamp, s / u.clamp(min=1e-5)[:, None])
+            self._cached = (stamp, s.float() / u.float().clamp(min=1e-5)[:, None])  # float32 whatever the model dtype
         return self._cached[1]
 
 
@@ -38,9 +38,9 @@ class ResidualVQ(nn.Module):
         self.codebooks = nn.ModuleList([Codebook(cfg.bins, cfg.codebook_dim) for _ in range(n_q)])
 
     def encode(self, latent: torch.Tensor, n_q: int, embeddings: list[torch.Tensor]) -> torch.Tensor:
-        # latent [B, F, C] → codes [B, n_q, F]
+        # latent [B, F, C] → codes [B, n_q, F]; the nearest-code search runs in float32 even in a bf16/fp16 model
         B, Fr, _ = latent.shape
-        residual = F.linear(latent, self.input_proj.weight[..., 0]).view(B * Fr, -1)  # [B·F, D]
+        residual = F.linear(latent.float(), self.input_proj.weight[..., 0].float()).view(B * Fr, -1)  # [B·F, D]
         codes = []
         for emb in embeddings[:n_q]:
             idx = torch.cdist(residual[None], emb[None], p=2)[0].argmin(dim=-1)
@@ -51,7 +51,8 @@ class ResidualVQ(nn.Module):
     def decode(self, codes: torch.Tensor, embeddings: list[torch.Tensor]) -> torch.Tensor:
         # codes [B, n, F] → [B, F, C]
         quantized = sum(F.embedding(codes[:, j], embeddings[j]) for j in range(codes.shape[1]))
-        return F.linear(quantized, self.output_proj.weight[..., 0])
+        weight = self.output_proj.weight[..., 0]
+        return F.linear(quantized.to(weight.dtype), weight)
 
 
 class SplitResidualVQ(nn.Module):

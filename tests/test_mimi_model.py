@@ -57,3 +57,14 @@ def test_gradients_reach_the_conv_weights_after_an_inference_encode(model):
     for conv in (model.encoder.model[0], model.encoder.model[3], model.downsample):
         assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
     model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("dtype, level0", [(torch.float16, 0.95), (torch.bfloat16, 0.9)])
+def test_half_precision_models_encode_close_to_float32(tiny_model_path, dtype, level0, capsys):
+    wav = audio(10 * 24_000, seed=3, batch=2)
+    exact = mimi.load_mimi(tiny_model_path).encode(wav, num_codebooks=8)
+    fast = mimi.load_mimi(tiny_model_path, dtype=dtype).encode(wav, num_codebooks=8)
+    agreement = (fast == exact).float().mean(dim=(0, 2))
+    with capsys.disabled():
+        print(f"\n[{dtype} vs float32] agreement per level: {[round(a, 3) for a in agreement.tolist()]}")
+    assert fast.shape == exact.shape and agreement[0] >= level0 and agreement.mean() >= 0.6
