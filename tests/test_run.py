@@ -19,7 +19,7 @@ import ray
 import torch
 
 import mimi
-from audio_fixtures import corrupt_bytes, write_audio
+from audio_fixtures import FORMATS, corrupt_bytes, encode, signal, write_audio, write_hub_parquet, write_tar
 from pipeline import manifest
 from pipeline.cli import main
 from pipeline.config import RunConfig
@@ -130,6 +130,37 @@ def test_end_to_end(corpus, tiny_model_path, tmp_path, caplog, capsys):
     # status shows the output
     assert main(["status", out]) == 0
     assert "status: complete — 4/4 shards done" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["webdataset", "parquet"])
+def test_container_inputs_keep_their_metadata(kind, tiny_model_path, tmp_path):
+    """WebDataset tars (audio + .json/.txt sidecars) and Hub-style Parquet shards (an Audio column built with
+    `datasets`) through the whole run: codes equal the model's, metadata passes through unchanged."""
+    clips = [(f"utt{i}", encode(FORMATS[fmt], signal(sr, seconds, channels, seed=i), sr), FORMATS[fmt].ext)
+             for i, (fmt, sr, seconds, channels) in enumerate([("flac", 44_100, 1.2, 2), ("wav_pcm16", 16_000, 0.7, 1),
+                                                                ("ogg_vorbis", 48_000, 1.6, 1),
+                                                                ("wav_float", 22_050, 0.4, 1)])]
+    meta = {f"utt{i}": {"text": f"sentence {i}", "speaker": f"spk{i % 2}"} for i in range(len(clips))}
+    root = tmp_path / "in"
+    if kind == "webdataset":
+        for part, group in enumerate((clips[:2], clips[2:])):
+            write_tar(root / f"part-{part}.tar", [
+                (key, {ext: data, "json": json.dumps({"speaker": meta[key]["speaker"]}).encode(),
+                       "txt": meta[key]["text"].encode()}) for key, data, ext in group])
+        expected_ids = {f"part-{i // 2}.tar/utt{i}" for i in range(4)}
+    else:
+        write_hub_parquet(root / "train-00000.parquet", [{"bytes": d, "path": f"{k}.{e}"} for k, d, e in clips],
+                          text=[meta[k]["text"] for k, _, _ in clips], speaker=[meta[k]["speaker"] for k, _, _ in clips])
+        expected_ids = {f"train-00000.parquet/{k}.{e}" for k, _, e in clips}
+    out = str(tmp_path / "out")
+    assert main(["run", "--input", str(root), "--output", out, "--model", tiny_model_path, "--device", "cpu"]) == 0
+    rows = read_output(out)
+    assert set(rows) == expected_ids
+    assert_codes_equal(rows, reference_codes(str(root), tiny_model_path, 8, 256))
+    table = pq.read_table(f"{out}/data")
+    for clip_id, text, speaker in zip(*(table.column(c).to_pylist() for c in ("id", "text", "speaker"))):
+        key = clip_id.rsplit("/", 1)[1].split(".")[0]
+        assert (text, speaker) == (meta[key]["text"], meta[key]["speaker"])
 
 
 def test_locked_output_is_refused(corpus, tiny_model_path, tmp_path, capsys):
