@@ -282,10 +282,11 @@ def _download(repo_id: str, revision: str | None) -> Path:
     except CheckpointError:
         raise
     except Exception as exc:  # offline, unknown repo, auth: try the local cache before giving up
-        try:
-            return Path(hf_hub_download(repo_id, HF_FILENAME, revision=revision, local_files_only=True))
-        except Exception:
-            pass
+        for name in (HF_FILENAME, MOSHI_FILENAME):
+            try:
+                return Path(hf_hub_download(repo_id, name, revision=revision, local_files_only=True))
+            except Exception:
+                continue
         raise CheckpointError(
             f"could not fetch Mimi weights {repo_id!r} from the Hugging Face Hub and nothing is cached "
             f"({type(exc).__name__}: {str(exc)[:200]}). Download them where the Hub is reachable "

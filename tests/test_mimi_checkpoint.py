@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -60,8 +61,6 @@ def test_config_is_read_off_the_tensors(root):
 
 
 def test_provenance_is_recorded(moshi_file):
-    import hashlib
-
     model = mimi.load_mimi(moshi_file)
     assert model.weights_sha256 == hashlib.sha256(moshi_file.read_bytes()).hexdigest()
     assert model.source == str(moshi_file)
@@ -101,3 +100,19 @@ def test_unreachable_hub_says_how_to_pass_a_local_file(tmp_path, monkeypatch):
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     with pytest.raises(mimi.CheckpointError, match=r"pass the folder or the \.safetensors file"):
         mimi.load_mimi("kyutai/mimi")
+
+
+def test_hub_repo_id_is_served_from_the_local_cache_when_offline(tmp_path, monkeypatch, root):
+    """The Hub path (`load_mimi("org/name")`) resolves through huggingface_hub's cache layout when offline."""
+    import huggingface_hub.constants as c
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--kyutai--mimi" / "snapshots" / ("a" * 40)
+    mimi.write_random_checkpoint(snapshot, mimi.MimiConfig.tiny(), layout="transformers")
+    (cache / "models--kyutai--mimi" / "refs").mkdir(parents=True)
+    (cache / "models--kyutai--mimi" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    model = mimi.load_mimi("kyutai/mimi")
+    assert model.config == mimi.MimiConfig.tiny() and model.source == "kyutai/mimi"
+    assert model.weights_sha256 == hashlib.sha256((snapshot / "model.safetensors").read_bytes()).hexdigest()
