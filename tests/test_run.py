@@ -20,7 +20,7 @@ import torch
 
 import mimi
 from audio_fixtures import FORMATS, corrupt_bytes, encode, write_audio, write_hub_parquet, write_tar
-from audio_fixtures import signal as test_signal
+from audio_fixtures import signal as tone
 from pipeline import manifest
 from pipeline.cli import main
 from pipeline.config import RunConfig
@@ -137,7 +137,7 @@ def test_end_to_end(corpus, tiny_model_path, tmp_path, caplog, capsys):
 def test_container_inputs_keep_their_metadata(kind, tiny_model_path, tmp_path):
     """WebDataset tars (audio + .json/.txt sidecars) and Hub-style Parquet shards (an Audio column built with
     `datasets`) through the whole run: codes equal the model's, metadata passes through unchanged."""
-    clips = [(f"utt{i}", encode(FORMATS[fmt], test_signal(sr, seconds, channels, seed=i), sr), FORMATS[fmt].ext)
+    clips = [(f"utt{i}", encode(FORMATS[fmt], tone(sr, seconds, channels, seed=i), sr), FORMATS[fmt].ext)
              for i, (fmt, sr, seconds, channels) in enumerate([("flac", 44_100, 1.2, 2), ("wav_pcm16", 16_000, 0.7, 1),
                                                                 ("ogg_vorbis", 48_000, 1.6, 1),
                                                                 ("wav_float", 22_050, 0.4, 1)])]
