@@ -35,6 +35,7 @@ class RunConfig:
     num_codebooks: int = 8  # K codebooks kept per frame (1..32)
     channel_policy: str = "mix"  # "mix" (average the channels) or "channel:K" (keep channel K)
     files_per_shard: int = 256  # audio files (or manifest rows) per output shard
+    max_shard_bytes: int | None = 2**30  # and at most this many input bytes per shard of audio files (None: no cap)
     batch_max_seconds: float = 120.0  # padded audio seconds per encode batch (B × longest clip), per encoder
     max_pad_ratio: float = 0.25  # start a new batch before padding exceeds this share of the batch's true audio
     chunk_frames: int = 150  # frames per encode chunk of long audio (150 frames = 12 s): bounds memory
@@ -73,6 +74,8 @@ class RunConfig:
             (0 <= self.max_failure_share <= 1, f"max_failure_share must be in [0, 1], got {self.max_failure_share}"),
             (self.progress_interval_s > 0, f"progress_interval_s must be > 0, got {self.progress_interval_s}"),
             (self.lock_wait_s >= 0, f"lock_wait_s must be >= 0, got {self.lock_wait_s}"),
+            (self.max_shard_bytes is None or self.max_shard_bytes >= 1,
+             f"max_shard_bytes must be >= 1 or null, got {self.max_shard_bytes}"),
         ]
         errors = [message for ok, message in checks if not ok]
         if errors:

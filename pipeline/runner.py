@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 
 ENCODER_QUEUE_DEPTH = 2  # shards submitted to one encoder at a time: one encoding, one waiting
 LOCK_REFRESH_S = 30.0  # RunLock heartbeat period (its stale_after_s is 120 s)
-SETTINGS_FIXED_ON_RESUME = ("input", "files_per_shard", "channel_policy", "dtype")  # change which clips / codes a shard holds
+# settings that change which clips a shard holds, or their codes
+SETTINGS_FIXED_ON_RESUME = ("input", "files_per_shard", "max_shard_bytes", "channel_policy", "dtype")
 
 
 class RunError(RuntimeError):
@@ -382,7 +383,8 @@ def _init_run(cfg: RunConfig, model_files: ModelFiles) -> dict[str, Any]:
 
 def _discover(cfg: RunConfig) -> list[Shard]:
     try:
-        return discover_shards(cfg.input, files_per_shard=cfg.files_per_shard, storage_options=cfg.storage_options)
+        return discover_shards(cfg.input, files_per_shard=cfg.files_per_shard, max_shard_bytes=cfg.max_shard_bytes,
+                               storage_options=cfg.storage_options)
     except (OSError, ValueError) as exc:
         raise RunError(f"cannot use input {manifest.redact(cfg.input)}: {exc}") from exc
 

@@ -62,21 +62,27 @@ ClipItem = ClipSource | ClipFailure
 
 
 def discover_shards(
-    input_url: str, *, files_per_shard: int = 256, storage_options: dict | None = None
+    input_url: str, *, files_per_shard: int = 256, max_shard_bytes: int | None = None,
+    storage_options: dict | None = None,
 ) -> list[Shard]:
-    """List ``input_url`` and cut it into deterministic shards (same input → same shards, same order)."""
+    """List ``input_url`` and cut it into deterministic shards (same input → same shards, same order).
+
+    Audio files are grouped in sorted order, at most ``files_per_shard`` per shard and, when ``max_shard_bytes``
+    is set, at most that many input bytes (a single larger file is a shard of its own): a shard is decoded in
+    memory, so long-form audio needs fewer files per shard than short clips.
+    """
     if files_per_shard < 1:
         raise ValueError(f"files_per_shard must be >= 1, got {files_per_shard}")
-    fs, root, paths = _list_input(input_url, storage_options or {})
+    fs, root, sizes = _list_input(input_url, storage_options or {})
+    paths = sorted(sizes)
     kind = _detect_kind(input_url, paths)
     paths = [p for p in paths if _kind_of(p) == kind]
     root_uri = fs.unstrip_protocol(root)
     uris = [fs.unstrip_protocol(p) for p in paths]
     if kind == "files":
-        shards = [
-            Shard(f"files-{i:05d}", "files", root_uri, tuple(uris[start : start + files_per_shard]), root=root_uri)
-            for i, start in enumerate(range(0, len(uris), files_per_shard))
-        ]
+        groups = _group(list(zip(uris, (sizes[p] for p in paths))), files_per_shard, max_shard_bytes)
+        shards = [Shard(f"files-{i:05d}", "files", root_uri, tuple(group), root=root_uri)
+                  for i, group in enumerate(groups)]
     elif kind == "manifest":
         shards = _manifest_shards(fs, paths[0], uris[0], root_uri, files_per_shard)
     else:
@@ -88,23 +94,33 @@ def discover_shards(
     return shards
 
 
-def _list_input(input_url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
-    """Return the filesystem, the input root path and the sorted file paths under ``input_url``."""
+def _group(items: list[tuple[str, int]], max_files: int, max_bytes: int | None) -> list[list[str]]:
+    """Consecutive runs of ``(uri, size)`` items, each within ``max_files`` and ``max_bytes``."""
+    groups: list[list[str]] = []
+    total = 0
+    for uri, size in items:
+        if not groups or len(groups[-1]) == max_files or (max_bytes and total + size > max_bytes):
+            groups.append([])
+            total = 0
+        groups[-1].append(uri)
+        total += size
+    return groups
+
+
+def _list_input(input_url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str, dict[str, int]]:
+    """Return the filesystem, the input root path and the size of every file under ``input_url``."""
     fs, path = url_to_fs(input_url, **storage_options)
     if fsspec.core.has_magic(path):
-        root = _glob_root(path)
-        paths: Iterable[str] = (
-            found
-            for match, info in fs.glob(path, detail=True).items()
-            for found in (fs.find(match) if info["type"] == "directory" else [match])
-        )
+        root, found = _glob_root(path), {}
+        for match, info in fs.glob(path, detail=True).items():
+            found.update(fs.find(match, detail=True) if info["type"] == "directory" else {match: info})
     elif fs.isdir(path):
-        root, paths = path, fs.find(path)
+        root, found = path, fs.find(path, detail=True)
     elif fs.isfile(path):
-        root, paths = posixpath.dirname(path.rstrip("/")), [path]
+        root, found = posixpath.dirname(path.rstrip("/")), {path: fs.info(path)}
     else:
         raise FileNotFoundError(f"input not found: {input_url}")
-    return fs, root.rstrip("/") or "/", sorted(set(paths))
+    return fs, root.rstrip("/") or "/", {p: int(info.get("size") or 0) for p, info in found.items()}
 
 
 def _glob_root(pattern: str) -> str:

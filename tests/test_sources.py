@@ -304,6 +304,17 @@ def test_jsonl_manifest(clip_files: Path) -> None:
     assert no_uri.source_uri == f"{uri}#4"
 
 
+def test_files_are_grouped_by_count_and_by_bytes(tmp_path: Path) -> None:
+    sizes = [300, 300, 300, 900, 100, 100, 100, 100]
+    for i, n in enumerate(sizes):
+        (tmp_path / f"c{i}.wav").write_bytes(b"x" * n)
+    members = [[u.rsplit("/", 1)[1] for u in s.members]
+               for s in discover_shards(str(tmp_path), files_per_shard=3, max_shard_bytes=700)]
+    # 700 bytes or 3 files at most; a file larger than the cap is a shard of its own
+    assert members == [["c0.wav", "c1.wav"], ["c2.wav"], ["c3.wav"], ["c4.wav", "c5.wav", "c6.wav"], ["c7.wav"]]
+    assert len(discover_shards(str(tmp_path), files_per_shard=3)) == 3  # no byte cap
+
+
 def test_csv_manifest(clip_files: Path) -> None:
     write_csv(clip_files / "m.csv", [
         {"file": "clips/b.flac", "text": "two, with comma", "n": "2"},
