@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 import yaml
 from fsspec.implementations.local import LocalFileSystem
 
+from mimi.checkpoint import sha256_file
 from pipeline import manifest, storage
 from pipeline.writer import CODEBOOK_SIZE, CORE_COLUMNS
 
@@ -140,14 +141,6 @@ def check_publishable(output_url: str, current: dict[str, Any], done: dict[str, 
 def data_file_name(index: int, count: int) -> str:
     """Repo path of the ``index``-th of ``count`` data files: ``data/train-00000-of-00003.parquet``."""
     return f"data/train-{index:05d}-of-{count:05d}.parquet"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def git_blob_sha1(path: str | os.PathLike) -> str:

@@ -37,7 +37,7 @@ import torch
 from ray.exceptions import RayActorError, RayError
 
 from mimi import load_mimi
-from mimi.checkpoint import resolve_source, sha256_file
+from mimi.checkpoint import resolve_source
 from pipeline import manifest
 from pipeline.config import RunConfig
 from pipeline.encode import encode_clips
@@ -95,7 +95,7 @@ def load_model_files(cfg: RunConfig) -> ModelFiles:
     if cfg.num_codebooks > model.max_codebooks:
         raise RunError(f"num_codebooks is {cfg.num_codebooks} but {source} has only {model.max_codebooks} codebooks")
     config_json = path.parent / "config.json"
-    return ModelFiles(source, cfg.revision, sha256_file(path), path.name, path.read_bytes(),
+    return ModelFiles(source, cfg.revision, model.weights_sha256, path.name, path.read_bytes(),
                       config_json.read_bytes() if config_json.is_file() else None, is_untrained(path))
 
 

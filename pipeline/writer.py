@@ -17,7 +17,6 @@ The file is zstd-compressed with dictionary encoding and a page index, split int
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mimi.checkpoint import sha256_file
 from pipeline.storage import atomic_output
 from pipeline.types import Clip
 
@@ -121,14 +121,6 @@ def _row_group_bounds(row_bytes: np.ndarray, row_group_bytes: int) -> list[tuple
     return bounds
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_shard(url: str, clips: list[Clip], codes: list[np.ndarray], *, num_codebooks: int,
                 file_metadata: dict[str, str], storage_options: dict[str, Any] | None = None,
                 row_group_bytes: int = 100 * 2**20) -> ShardWriteResult:
@@ -145,7 +137,7 @@ def write_shard(url: str, clips: list[Clip], codes: list[np.ndarray], *, num_cod
                               write_page_index=True) as writer:
             for start, stop in bounds:
                 writer.write_table(table.slice(start, stop - start), row_group_size=max(stop - start, 1))
-        size, digest = os.path.getsize(tmp), _sha256(tmp)
+        size, digest = os.path.getsize(tmp), sha256_file(tmp)
     return ShardWriteResult(
         rows=table.num_rows,
         frames=int(n_frames.sum()),
