@@ -70,19 +70,32 @@ class MimiModel(nn.Module):
         if not 1 <= num_codebooks <= self.max_codebooks:
             raise ValueError(f"num_codebooks must be in [1, {self.max_codebooks}], got {num_codebooks}")
         owned = None if lengths is None else self._owned_frames(lengths, B, T)
-        param = next(self.parameters())
         n_frames = self.num_frames(T)
-        wav = nn.functional.pad(wav.to(device=param.device, dtype=param.dtype), (0, n_frames * self.frame_size - T))
+        wav = nn.functional.pad(self._as_param(wav), (0, n_frames * self.frame_size - T))
         wav = wav.view(B, -1, 1)  # time-major [B, T, 1], zero-padded to whole frames
 
         embeddings, cache = self.quantizer.embeddings(), {}
         step = (chunk_frames or n_frames) * self.frame_size
-        codes = [self.quantizer.encode(self._latent(wav[:, s:s + step], cache), num_codebooks, embeddings)
+        codes = [self._encode_chunk(wav[:, s:s + step], cache, num_codebooks, embeddings)
                  for s in range(0, wav.shape[1], step)]
         codes = torch.cat(codes, dim=-1)
         if owned is not None:  # frames past a clip's end: -1
             codes.masked_fill_(torch.arange(n_frames, device=codes.device) >= owned.to(codes.device)[:, None, None], -1)
         return codes
+
+    def encode_stream(self, num_codebooks: int = 8, *, chunk_frames: int = 150) -> "StreamingEncoder":
+        """An encoder for one clip fed in pieces of any length (see :class:`StreamingEncoder`)."""
+        if not 1 <= num_codebooks <= self.max_codebooks:
+            raise ValueError(f"num_codebooks must be in [1, {self.max_codebooks}], got {num_codebooks}")
+        return StreamingEncoder(self, num_codebooks, chunk_frames)
+
+    def _as_param(self, wav: torch.Tensor) -> torch.Tensor:
+        param = next(self.parameters())
+        return wav.to(device=param.device, dtype=param.dtype)
+
+    def _encode_chunk(self, wav: torch.Tensor, cache: dict, num_codebooks: int, embeddings) -> torch.Tensor:
+        """[B, n·1920, 1] → codes [B, K, n], carrying the convolution and attention state in ``cache``."""
+        return self.quantizer.encode(self._latent(wav, cache), num_codebooks, embeddings)
 
     def _latent(self, wav: torch.Tensor, cache: dict) -> torch.Tensor:
         """[B, n·1920, 1] → unquantized 12.5 Hz latent [B, n, C], carrying state in ``cache``.
@@ -117,3 +130,55 @@ class MimiModel(nn.Module):
         codes = codes.to(next(self.parameters()).device).long()
         latent = self.upsample(self.quantizer.decode(codes).transpose(1, 2)).transpose(1, 2)  # [B, 2F, C]
         return self.decoder(self.decoder_transformer(latent)).transpose(1, 2)
+
+
+class StreamingEncoder:
+    """Encodes one clip fed in pieces (:meth:`push`), then :meth:`finish`: the codes, concatenated, equal
+    ``model.encode`` of the whole clip with the same ``chunk_frames`` (the same chunks, the same arithmetic), and
+    memory holds one chunk and the carried state whatever the clip's length."""
+
+    def __init__(self, model: MimiModel, num_codebooks: int, chunk_frames: int):
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        self.model, self.num_codebooks = model, num_codebooks
+        self.step = chunk_frames * model.frame_size
+        self.cache: dict = {}
+        self.embeddings = model.quantizer.embeddings()
+        self.pending: list[torch.Tensor] = []
+        self.buffered = 0
+        self.samples = 0
+
+    @torch.inference_mode()
+    def push(self, audio: torch.Tensor) -> torch.Tensor:
+        """Add mono float audio [n] at 24 kHz; return the codes [K, f] of the chunks it completes (f may be 0)."""
+        audio = audio.reshape(-1)
+        self.pending.append(audio)
+        self.buffered += audio.shape[0]
+        self.samples += audio.shape[0]
+        codes = []
+        if self.buffered >= self.step:
+            buffer = torch.cat(self.pending)
+            whole = buffer.shape[0] // self.step * self.step
+            codes = [self._chunk(buffer[s:s + self.step]) for s in range(0, whole, self.step)]
+            rest = buffer[whole:]
+            self.pending, self.buffered = [rest], rest.shape[0]
+        return torch.cat(codes, dim=-1) if codes else self._empty()
+
+    @torch.inference_mode()
+    def finish(self) -> torch.Tensor:
+        """The codes [K, f] of the rest of the clip, zero-padded to whole frames (``ceil(samples / 1920)`` in all)."""
+        if self.samples == 0:
+            raise ValueError("cannot encode empty audio (no samples pushed)")
+        rest = torch.cat(self.pending) if self.pending else torch.zeros(0)
+        self.pending, self.buffered = [], 0
+        if rest.shape[0] == 0:
+            return self._empty()
+        frames = self.model.num_frames(rest.shape[0])
+        return self._chunk(nn.functional.pad(rest, (0, frames * self.model.frame_size - rest.shape[0])))
+
+    def _chunk(self, audio: torch.Tensor) -> torch.Tensor:
+        wav = self.model._as_param(audio).view(1, -1, 1)
+        return self.model._encode_chunk(wav, self.cache, self.num_codebooks, self.embeddings)[0]
+
+    def _empty(self) -> torch.Tensor:
+        return torch.zeros(self.num_codebooks, 0, dtype=torch.long, device=next(self.model.parameters()).device)

@@ -52,6 +52,11 @@ _RUN_FLAGS = [
     arg("--ray-address", help="Ray cluster to join (default: start a local one)"),
     arg("--channel-policy", help="'mix' or 'channel:K'"),
     arg("--lock-wait-s", type=float, help="wait this long for another run's lock to be released or go stale"),
+    arg("--prune", action="store_true", default=None,
+        help="drop the rows of inputs that are gone from the listing (default: keep them)"),
+    arg("--max-clip-seconds", type=float, help="a longer clip is a recorded failure (default 86400)"),
+    arg("--decode-tasks-per-encoder", type=int, help="shards decoding at once per encoder (default: CPUs/encoders)"),
+    arg("--storage-retry-s", type=float, help="retry storage operations through transient errors this long (300)"),
 ]
 
 

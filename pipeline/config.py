@@ -34,21 +34,35 @@ class RunConfig:
     revision: str | None = None  # Hub revision (branch, tag or commit) of ``model``
     num_codebooks: int = 8  # K codebooks kept per frame (1..32)
     channel_policy: str = "mix"  # "mix" (average the channels) or "channel:K" (keep channel K)
-    files_per_shard: int = 256  # audio files (or manifest rows) per output shard
+    files_per_shard: int = 256  # at most this many audio files (or manifest rows) per output shard
     max_shard_bytes: int | None = 2**30  # and at most this many input bytes per shard of audio files (None: no cap)
+    prune: bool = False  # drop the rows of inputs that are gone from the listing (default: keep them)
+    part_seconds: float = 300.0  # decoded audio per part between a decode task and its encoder (bounds memory)
+    max_clip_seconds: float = 86_400.0  # a longer clip is a recorded failure (stops decompression bombs)
     batch_max_seconds: float = 120.0  # padded audio seconds per encode batch (B × longest clip), per encoder
     max_pad_ratio: float = 0.25  # start a new batch before padding exceeds this share of the batch's true audio
     chunk_frames: int = 150  # frames per encode chunk of long audio (150 frames = 12 s): bounds memory
     device: str = "auto"  # "auto" (GPU encoders when the Ray cluster has GPUs), "cpu" or "cuda"
     dtype: str = "float32"  # encoder weights/activations: float32, bfloat16 or float16
-    num_encoders: int | None = None  # encoder actors; default: one per GPU in the cluster, or 1 without GPUs
-    max_shards_in_flight: int | None = None  # shards decoded or encoding at once; default: free CPUs + 2 per encoder
-    shard_retries: int = 2  # retries of a shard's decode task or encode call (worker death, error); bounded
+    num_encoders: int | None = None  # encoder actors; default: one per GPU in the cluster (follows it), or 1
+    decode_tasks_per_encoder: int | None = None  # shards decoding at once per encoder; default: CPUs / encoders
+    shard_retries: int = 2  # retries of a shard (decode worker death, failed attempt); bounded
     max_failure_share: float = 0.01  # exit non-zero when failed clips / attempted clips exceeds this
-    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (credentials, endpoint)
+    storage_retry_s: float = 300.0  # retry a storage operation through transient errors this long (rides outages)
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for input and output
+    input_storage_options: dict[str, Any] | None = None  # for the input only (default: storage_options)
+    output_storage_options: dict[str, Any] | None = None  # for the output only (default: storage_options)
     ray_address: str | None = None  # Ray cluster to join ("auto", "ray://host:10001"); None: start a local one
     progress_interval_s: float = 30.0  # seconds between progress logs / manifest.json updates
     lock_wait_s: float = 0.0  # wait this long for another run's lock to be released or go stale; 0: refuse at once
+    encoder_wait_s: float = 600.0  # give up the pending shards when no encoder can be placed for this long
+    stall_timeout_s: float = 1800.0  # an encoder that gets no decoded audio for this long retries the shard
+
+    def input_options(self) -> dict[str, Any]:
+        return self.storage_options if self.input_storage_options is None else self.input_storage_options
+
+    def output_options(self) -> dict[str, Any]:
+        return self.storage_options if self.output_storage_options is None else self.output_storage_options
 
     def to_dict(self) -> dict[str, Any]:
         """All settings as plain data (for the run snapshot; redact before storing)."""
@@ -68,14 +82,19 @@ class RunConfig:
             (self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}"),
             (self.num_encoders is None or self.num_encoders >= 1,
              f"num_encoders must be >= 1, got {self.num_encoders}"),
-            (self.max_shards_in_flight is None or self.max_shards_in_flight >= 1,
-             f"max_shards_in_flight must be >= 1, got {self.max_shards_in_flight}"),
+            (self.decode_tasks_per_encoder is None or self.decode_tasks_per_encoder >= 1,
+             f"decode_tasks_per_encoder must be >= 1, got {self.decode_tasks_per_encoder}"),
             (0 <= self.shard_retries <= 10, f"shard_retries must be in [0, 10], got {self.shard_retries}"),
             (0 <= self.max_failure_share <= 1, f"max_failure_share must be in [0, 1], got {self.max_failure_share}"),
             (self.progress_interval_s > 0, f"progress_interval_s must be > 0, got {self.progress_interval_s}"),
             (self.lock_wait_s >= 0, f"lock_wait_s must be >= 0, got {self.lock_wait_s}"),
             (self.max_shard_bytes is None or self.max_shard_bytes >= 1,
              f"max_shard_bytes must be >= 1 or null, got {self.max_shard_bytes}"),
+            (self.part_seconds > 0, f"part_seconds must be > 0, got {self.part_seconds}"),
+            (self.max_clip_seconds > 0, f"max_clip_seconds must be > 0, got {self.max_clip_seconds}"),
+            (self.storage_retry_s >= 0, f"storage_retry_s must be >= 0, got {self.storage_retry_s}"),
+            (self.encoder_wait_s > 0, f"encoder_wait_s must be > 0, got {self.encoder_wait_s}"),
+            (self.stall_timeout_s > 0, f"stall_timeout_s must be > 0, got {self.stall_timeout_s}"),
         ]
         errors = [message for ok, message in checks if not ok]
         if errors:

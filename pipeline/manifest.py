@@ -5,12 +5,14 @@ Layout at the output root::
     data/{shard_id}.parquet        one Parquet file per shard (pipeline.writer)
     _state/shards/{shard_id}.json  done record, written only after the shard's Parquet file is committed
     _state/run.json                run identity: config snapshot, model provenance, K, schema version
+    _state/schema.json             the metadata columns' types, one for the whole output (pipeline.schema)
     _state/lock.json               run lock (pipeline.storage.RunLock)
     manifest.json                  human/machine summary of the whole output, rewritten as the run goes
 
-A shard is done iff its done record exists and its Parquet file exists with the recorded size (the
-sha256 is recorded but not re-read at resume; that would mean reading the whole output back).
-Snapshots of configs are passed through :func:`redact` before they reach storage.
+A record's ``status`` is ``done`` (the shard of the listing whose ``digest`` it names) or ``retained`` (rows of
+inputs that are gone from the listing, kept until ``--prune``; see :mod:`pipeline.plan`). A record counts only if
+its Parquet file exists with the recorded size (the sha256 is recorded but not re-read at resume; that would mean
+reading the whole output back). Snapshots of configs are passed through :func:`redact` before they reach storage.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
 
+from pipeline import schema as output_schema
 from pipeline import storage
 from pipeline.types import ClipFailure, Shard
 from pipeline.writer import SCHEMA_VERSION, ShardWriteResult
@@ -120,18 +123,26 @@ def init_run(output_url: str, run: dict[str, Any], storage_options: dict[str, An
     return existing
 
 
-def write_done_record(output_url: str, shard: Shard, result: ShardWriteResult, failures: list[ClipFailure], *,
-                      started: float, finished: float, attempt: int,
-                      storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Record ``shard`` as done in ``_state/shards/{shard_id}.json``; call only after its Parquet file is committed.
+def record_url(output_url: str, shard_id: str) -> str:
+    return storage.join(output_url, SHARDS_STATE_DIR, f"{shard_id}.json")
 
+
+def write_done_record(output_url: str, shard: Shard, result: ShardWriteResult, failures: list[ClipFailure], *,
+                      started: float, finished: float, attempt: int, status: str = "done",
+                      ids: list[str] | None = None, storage_options: dict[str, Any] | None = None
+                      ) -> dict[str, Any]:
+    """Record ``shard``'s file in ``_state/shards/{shard_id}.json``; call only after its Parquet file is committed.
+
+    ``status`` is ``done``, or ``retained`` for a file that holds only rows of gone inputs, listed in ``ids``.
     ``started``/``finished`` are unix times; ``attempt`` counts from 1. Returns the record.
     """
     record = {
         "shard": {"shard_id": shard.shard_id, "kind": shard.kind, "uri": shard.uri,
-                  "rows": list(shard.rows) if shard.rows else None},
+                  "digest": shard.digest if status == "done" else None},
+        "status": status,
         "file": shard_file(shard.shard_id),
         "rows": result.rows,
+        "carried": result.carried if status == "done" else result.rows,
         "frames": result.frames,
         "bytes": result.bytes,
         "sha256": result.sha256,
@@ -139,25 +150,38 @@ def write_done_record(output_url: str, shard: Shard, result: ShardWriteResult, f
         "failed": len(failures),
         "failures": [asdict(f) for f in failures],
         "hours": result.duration_s / 3600,
+        "schema": output_schema.to_json(result.metadata_schema),
         "started": _iso(started),
         "finished": _iso(finished),
         "attempt": attempt,
+        **({"ids": ids} if status == "retained" else {}),
     }
-    storage.write_json(storage.join(output_url, SHARDS_STATE_DIR, f"{shard.shard_id}.json"), record, storage_options)
+    storage.write_json(record_url(output_url, shard.shard_id), record, storage_options)
     return record
 
 
-def load_done(output_url: str, storage_options: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Done records by shard id, keeping only those whose Parquet file exists with the recorded size."""
+def load_records(output_url: str, storage_options: dict[str, Any] | None = None
+                 ) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+    """Every record by shard id (valid or not), and the data files by name with their sizes."""
     records = storage.read_json_files(storage.join(output_url, SHARDS_STATE_DIR), storage_options)
-    sizes = storage.list_files(storage.join(output_url, DATA_DIR), storage_options)
+    files = storage.list_files(storage.join(output_url, DATA_DIR), storage_options)
+    return {r["shard"]["shard_id"]: r for r in records.values()}, files
+
+
+def file_matches(record: dict[str, Any], files: dict[str, int]) -> bool:
+    """Whether the record's Parquet file exists with the recorded size."""
+    return files.get(record["file"].rsplit("/", 1)[-1]) == record["bytes"]
+
+
+def load_done(output_url: str, storage_options: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Records (done and retained) by shard id, keeping only those whose Parquet file exists with the recorded size."""
+    records, files = load_records(output_url, storage_options)
     done = {}
-    for record in records.values():
-        shard_id = record["shard"]["shard_id"]
-        size = sizes.get(record["file"].rsplit("/", 1)[-1])
-        if size != record["bytes"]:
-            log.warning("shard %s has a done record but its file %s is %s; it will be redone", shard_id,
-                        record["file"], "missing" if size is None else f"{size} bytes, not {record['bytes']}")
+    for shard_id, record in records.items():
+        if not file_matches(record, files):
+            size = files.get(record["file"].rsplit("/", 1)[-1])
+            log.warning("shard %s has a record but its file %s is %s; it will be redone", shard_id, record["file"],
+                        "missing" if size is None else f"{size} bytes, not {record['bytes']}")
             continue
         done[shard_id] = record
     return done
@@ -173,35 +197,47 @@ def _software_versions() -> dict[str, str | None]:
     return versions
 
 
-def build_manifest(output_url: str, run: dict[str, Any], shards: list[Shard], done: dict[str, dict[str, Any]], *,
-                   started: float, finished: float | None = None) -> dict[str, Any]:
-    """The manifest of an output: run identity, software versions, one entry per input shard, totals, timing.
+def is_done(record: dict[str, Any] | None, shard: Shard) -> bool:
+    """Whether ``record`` says ``shard`` is done as the listing has it now (same digest)."""
+    return record is not None and record.get("status") == "done" and record["shard"].get("digest") == shard.digest
 
-    ``started`` is when this session began (unix time); ``finished`` is set when it ended, and makes the
-    status "complete" (every shard done) or "incomplete"; without it the status is "running". Speed
-    (``x_realtime``) counts only the shards finished during this session, so a resumed run is not credited
-    with earlier sessions' work.
+
+def build_manifest(output_url: str, run: dict[str, Any], shards: list[Shard], done: dict[str, dict[str, Any]], *,
+                   started: float, finished: float | None = None,
+                   changes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of an output: run identity, software versions, one entry per input shard and per retained file,
+    totals, what changed in the listing, timing.
+
+    ``done`` holds the valid records (:func:`load_done`). ``started`` is when this session began (unix time);
+    ``finished`` is set when it ended, and makes the status "complete" (every shard of the listing done) or
+    "incomplete"; without it the status is "running". Speed (``x_realtime``) counts only the shards finished during
+    this session, so a resumed run is not credited with earlier sessions' work.
     """
     now = time.time() if finished is None else finished
     wall_s = max(now - started, 0.0)
     entries, failed_by_class = [], Counter()
     session_hours, session_shards = 0.0, 0
-    for shard in shards:
-        entry: dict[str, Any] = {"shard_id": shard.shard_id, "kind": shard.kind, "uri": shard.uri}
-        record = done.get(shard.shard_id)
-        if record is None:
-            entries.append({**entry, "status": "pending"})
-            continue
-        entries.append({**entry, "status": "done",
-                        **{k: record[k] for k in ("file", "rows", "frames", "bytes", "sha256", "clips", "failed",
-                                                   "hours", "attempt")}})
+    listed = {shard.shard_id for shard in shards}
+    retained = [r for shard_id, r in sorted(done.items()) if shard_id not in listed and r.get("status") == "retained"]
+    for shard, record in [*((s, done.get(s.shard_id)) for s in shards), *((None, r) for r in retained)]:
+        if shard is not None:
+            entry: dict[str, Any] = {"shard_id": shard.shard_id, "kind": shard.kind, "uri": shard.uri}
+            if not is_done(record, shard):
+                entries.append({**entry, "status": "pending"})
+                continue
+        else:
+            entry = {k: record["shard"][k] for k in ("shard_id", "kind", "uri")}
+        entries.append({**entry, "status": record["status"],
+                        **{k: record[k] for k in ("file", "rows", "carried", "frames", "bytes", "sha256", "clips",
+                                                   "failed", "hours", "attempt")}})
         failed_by_class.update(f["error_class"] for f in record["failures"])
-        if _unix(record["finished"]) >= started:
+        if _unix(record["finished"]) >= started and shard is not None:
             session_hours += record["hours"]
             session_shards += 1
-    done_entries = [e for e in entries if e["status"] == "done"]
-    frames = sum(e["frames"] for e in done_entries)
-    remaining = len(shards) - len(done_entries)
+    written = [e for e in entries if e["status"] != "pending"]
+    frames = sum(e["frames"] for e in written)
+    shards_done = sum(e["status"] == "done" for e in entries)
+    remaining = len(shards) - shards_done
     if finished is not None:
         status = "complete" if remaining == 0 else "incomplete"
     else:
@@ -217,14 +253,17 @@ def build_manifest(output_url: str, run: dict[str, Any], shards: list[Shard], do
         "software": _software_versions(),
         "totals": {
             "shards": len(shards),
-            "shards_done": len(done_entries),
-            "clips": sum(e["rows"] for e in done_entries),
-            "failed_clips": sum(e["failed"] for e in done_entries),
+            "shards_done": shards_done,
+            "retained_files": len(retained),
+            "clips": sum(e["rows"] for e in written),
+            "kept_clips": sum(e["carried"] for e in written),
+            "failed_clips": sum(e["failed"] for e in written),
             "failed_by_class": dict(failed_by_class.most_common()),
-            "hours": sum(e["hours"] for e in done_entries),
+            "hours": sum(e["hours"] for e in written),
             "frames": frames,
             "tokens": frames * run["num_codebooks"],
         },
+        "listing": changes or {},
         "timing": {
             "started": _iso(started),
             "updated": _iso(now),

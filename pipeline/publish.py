@@ -101,8 +101,8 @@ def check_publishable(output_url: str, current: dict[str, Any], done: dict[str, 
     if lock is not None and time.time() - lock.get("heartbeat", 0) < _LOCK_FRESH_S:
         raise PublishError(f"{where} is being written by run {lock.get('run_id')!r} on host {lock.get('host')} "
                            f"(heartbeat {time.time() - lock['heartbeat']:.0f} s ago); publish it once the run ends")
-    entries = current["shards"]
-    listed_done = [e for e in entries if e["status"] == "done"]
+    entries = current["shards"]  # the listing's shards, then the files retained for inputs that are gone
+    listed_done = [e for e in entries if e["status"] != "pending"]
     broken = [e["shard_id"] for e in listed_done if e["shard_id"] not in done]
     if broken:
         raise PublishError(f"{where}: the manifest lists {len(broken)} shard(s) as done whose done record or Parquet "
@@ -113,9 +113,10 @@ def check_publishable(output_url: str, current: dict[str, Any], done: dict[str, 
     if mismatched:
         raise PublishError(f"{where}: done records and manifest.json disagree on the sha256 of shard(s) "
                            f"{', '.join(mismatched[:5])}; run `mimi-tokenize run` on this output again")
-    records = [done[e["shard_id"]] for e in entries if e["shard_id"] in done]
-    if current["status"] != "complete" or len(records) < len(entries):
-        message = (f"{where}: the run is {current['status']} ({len(records)} of {len(entries)} shards done); "
+    records = [done[e["shard_id"]] for e in listed_done]
+    shards_done, shards = shard_counts(current)
+    if current["status"] != "complete" or shards_done < shards:
+        message = (f"{where}: the run is {current['status']} ({shards_done} of {shards} shards done); "
                    "finish it with `mimi-tokenize run` first")
         if not force:
             raise PublishError(message + ", or pass --force to publish only the shards that are done")
@@ -268,6 +269,12 @@ def _fmt_failures(failed_by_class: dict[str, int]) -> str:
     return ", ".join(f"{cls} {n:,}" for cls, n in failed_by_class.items()) or "none"
 
 
+def shard_counts(current: dict[str, Any]) -> tuple[int, int]:
+    """(done, all) shards of the listing, from the manifest's entries (retained files are not shards of it)."""
+    listing = [e for e in current["shards"] if e["status"] in ("done", "pending")]
+    return sum(e["status"] == "done" for e in listing), len(listing)
+
+
 def card_totals(current: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
     """Totals of the published shards (the manifest's totals when every shard is published)."""
     failed_by_class: dict[str, int] = {}
@@ -306,10 +313,10 @@ def build_card(repo_id: str, current: dict[str, Any], records: list[dict[str, An
         lines += ["> [!WARNING]",
                   "> **These codes come from untrained (randomly initialised) demo weights, not from a released "
                   "Mimi model. They carry no information about the audio: use them only to test a pipeline.**", ""]
-    partial = len(records) < len(current["shards"]) or current["status"] != "complete"
-    if partial:
+    shards_done, shards = shard_counts(current)
+    if shards_done < shards or current["status"] != "complete":
         lines += ["> [!WARNING]",
-                  f"> **Partial dataset: {len(records)} of {len(current['shards'])} shards of the run were done "
+                  f"> **Partial dataset: {shards_done} of {shards} shards of the run were done "
                   "when it was published.**", ""]
     lines += [
         f"[Mimi](https://huggingface.co/kyutai/mimi) codes of {totals['clips']:,} audio clips "

@@ -1,355 +1,175 @@
-"""Ray orchestration of ``mimi-tokenize run``: shards → CPU decode tasks → GPU (or CPU) encoder actors → Parquet.
+"""``mimi-tokenize run``: the run policy. Lock the output, list the input, plan against storage, retire stale files,
+encode the pending shards on the encoder pool, unify the metadata schema, write the manifest.
 
-The driver holds the output lock, checks ``_state/run.json``, discovers the shards and skips those with a done
-record. For each remaining shard a ``decode:{shard}`` task (one CPU) reads, decodes and resamples its clips; the
-decoded shard goes to one of the ``ShardEncoder`` actors (one per GPU), which batches and encodes it, writes
-``data/{shard}.parquet`` and then the shard's done record. At most ``max_shards_in_flight`` shards are between
-decode and commit, so memory stays bounded, and each encoder has up to two shards queued, so it never waits for
-decoding or for the driver.
-
-Faults, all with bounded retries:
-
-* a decode task that raises or whose worker dies (segfault, OOM kill) is retried ``shard_retries`` times by Ray;
-  then the shard is redone clip by clip, one ``prepare_clip:{clip}`` task per clip, so a clip that keeps killing
-  its worker is recorded as ``ClipFailure(stage="crash")`` and the rest of the shard is still written;
-* an encoder actor that dies is replaced by a new one; the shard it was working on is retried (``shard_retries``
-  times at most); shards merely queued behind it are resubmitted without being charged an attempt;
-* a shard that exhausts its retries is left without a done record: the run ends "incomplete" (exit code 1) and a
-  later run retries it.
+Modules it drives: :mod:`pipeline.model_files` (loading and shipping the weights), :mod:`pipeline.plan` (what is
+done, what to encode, what to retire), :mod:`pipeline.scheduler` (the elastic encoder pool), :mod:`pipeline.encoder`
+(decode tasks → encoder actor → commit). All state lives on storage: a run killed at any point is resumed by
+running the same command again, with nothing lost or duplicated.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
-import tempfile
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import pyarrow as pa
 import ray
-import torch
-from ray.exceptions import RayActorError, RayError
 
-from mimi import load_mimi
-from mimi.checkpoint import resolve_source
-from pipeline import manifest
+from pipeline import manifest, retry, storage
+from pipeline import schema as output_schema
+from pipeline.commit import Output
 from pipeline.config import RunConfig
-from pipeline.encode import encode_clips
-from pipeline.prepare import prepare_clip, prepare_shard
-from pipeline.sources import discover_shards, iter_clips
+from pipeline.encoder import DecodeSettings, EncoderSettings, ShardEncoder
+from pipeline.model_files import ModelFiles, RunError, load_model_files
+from pipeline.plan import Plan, make_plan
+from pipeline.scheduler import EncoderPool, Job, Scheduler
+from pipeline.sources import discover_shards
+from pipeline.sources.parquet import metadata_schema as parquet_metadata_schema
 from pipeline.storage import RunLock, join
-from pipeline.tools import is_untrained
-from pipeline.types import Clip, ClipFailure, Shard
-from pipeline.writer import write_shard
+from pipeline.types import Shard
 
 log = logging.getLogger(__name__)
 
-ENCODER_QUEUE_DEPTH = 2  # shards submitted to one encoder at a time: one encoding, one waiting
 LOCK_REFRESH_S = 30.0  # RunLock heartbeat period (its stale_after_s is 120 s)
+ENCODER_MEMORY = 3 * 2**30  # host memory an encoder actor declares (model, batch activations, its shards' codes)
 # settings that change which clips a shard holds, or their codes
 SETTINGS_FIXED_ON_RESUME = ("input", "files_per_shard", "max_shard_bytes", "channel_policy", "dtype")
 
-
-class RunError(RuntimeError):
-    """An expected reason a run cannot start or go on (bad input, no GPU for ``device: cuda``, ...)."""
+__all__ = ["RunError", "exit_code", "run"]
 
 
-# --- model -------------------------------------------------------------------------------------------------------
+# --- start: run identity, listing, schema ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ModelFiles:
-    """The checkpoint's bytes (and its config.json), shipped to every encoder through the object store, so that a
-    local ``--model`` path works on a multi-node cluster and every encoder loads exactly the same weights."""
-
-    source: str
-    revision: str | None
-    sha256: str
-    name: str
-    weights: bytes
-    config_json: bytes | None
-    untrained: bool = False  # generated random weights (labelled in their safetensors metadata)
-
-    def load(self, device: str, dtype: torch.dtype):
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / self.name
-            path.write_bytes(self.weights)
-            if self.config_json is not None:
-                (Path(folder) / "config.json").write_bytes(self.config_json)
-            model = load_mimi(path, device=device, dtype=dtype)
-        model.source, model.revision = self.source, self.revision
-        return model
+def _init_run(cfg: RunConfig, model_files: ModelFiles) -> dict[str, Any]:
+    run = manifest.make_run(cfg.to_dict(), model_files.provenance(), cfg.num_codebooks)
+    stored = manifest.init_run(cfg.output, run, cfg.output_options())
+    changed = [f"{k}: output has {stored['config'].get(k)!r}, this run has {run['config'][k]!r}"
+               for k in SETTINGS_FIXED_ON_RESUME if stored["config"].get(k) != run["config"][k]]
+    if changed:
+        raise manifest.IncompatibleOutputError(
+            "the output folder was started with other settings (" + "; ".join(changed) + "). Write to a new "
+            "output folder, or resume with the same settings.")
+    return stored
 
 
-def load_model_files(cfg: RunConfig) -> ModelFiles:
-    """Resolve ``cfg.model`` (download from the Hub if needed), check it loads and has enough codebooks."""
-    source = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
-    path = resolve_source(source, cfg.revision)
-    model = load_mimi(path)
-    if cfg.num_codebooks > model.max_codebooks:
-        raise RunError(f"num_codebooks is {cfg.num_codebooks} but {source} has only {model.max_codebooks} codebooks")
-    config_json = path.parent / "config.json"
-    return ModelFiles(source, cfg.revision, model.weights_sha256, path.name, path.read_bytes(),
-                      config_json.read_bytes() if config_json.is_file() else None, is_untrained(path))
+def _discover(cfg: RunConfig) -> list[Shard]:
+    try:
+        return discover_shards(cfg.input, files_per_shard=cfg.files_per_shard, max_shard_bytes=cfg.max_shard_bytes,
+                               storage_options=cfg.input_options())
+    except (OSError, ValueError) as exc:
+        raise RunError(f"cannot use input {manifest.redact(cfg.input)}: {exc}") from exc
 
 
-def file_metadata(model_files: ModelFiles, shard: Shard) -> dict[str, str]:
-    """Key-value metadata of a shard's Parquet file; deterministic, so a redone shard is byte-identical."""
-    return {"shard_id": shard.shard_id, "model_source": model_files.source,
-            "model_revision": model_files.revision or "", "model_sha256": model_files.sha256,
-            "sample_rate": "24000", "frame_rate": "12.5",
-            **({"model_untrained": "true"} if model_files.untrained else {})}
+def _input_schema(cfg: RunConfig, shards: list[Shard]) -> pa.Schema | None:
+    """The metadata schema the input decides before encoding (None for WebDataset: known only at commit)."""
+    kind = shards[0].kind
+    where = f"input {manifest.redact(cfg.input)}"
+    if kind == "files":
+        return pa.schema([])
+    if kind == "manifest":
+        return output_schema.infer((json.loads(m.row) for s in shards for m in s.members if m.row and not m.error),
+                                   where)
+    if kind == "parquet":
+        return parquet_metadata_schema(shards, cfg.input_options())
+    return None
 
 
-# --- Ray tasks and actors ------------------------------------------------------------------------------------------
+def _decide_schema(cfg: RunConfig, shards: list[Shard]) -> pa.Schema | None:
+    """The output's metadata schema for this run: the stored one, joined with what the input decides now; stored
+    before anything is encoded. A column whose type the input now contradicts is an error here, at the start."""
+    url = join(cfg.output, output_schema.SCHEMA_PATH)
+    try:
+        stored = output_schema.from_json(storage.read_json(url, cfg.output_options()))
+    except FileNotFoundError:
+        stored = None
+    try:
+        decided = _input_schema(cfg, shards)
+    except (output_schema.MetadataSchemaError, OSError) as exc:
+        raise RunError(str(exc)) from exc
+    if decided is None or stored is None:
+        target = stored if decided is None else decided
+    else:
+        target = output_schema.unify([stored, decided])
+        clash = [f.name for f in target if output_schema.is_json(f) and f.name in decided.names
+                 and not output_schema.is_json(decided.field(f.name))]
+        if clash:
+            raise RunError(f"metadata column(s) {', '.join(clash)} of input {manifest.redact(cfg.input)} no longer "
+                           f"have the type this output has for them ({stored}); give them their earlier type, or "
+                           "write to a new output")
+    if target is not None and (stored is None or not target.equals(stored, check_metadata=True)):
+        storage.write_json(url, output_schema.to_json(target), cfg.output_options())
+    return target
 
 
-@ray.remote(num_returns=2)
-def _decode_shard(shard: Shard, channel_policy: str, storage_options: dict) -> tuple[dict, tuple]:
-    """(a small summary for the driver, the decoded shard for an encoder)."""
-    clips, failures = prepare_shard(shard, channel_policy=channel_policy, storage_options=storage_options)
-    return {"clips": len(clips), "failed": len(failures)}, (clips, failures)
+# --- Ray ---------------------------------------------------------------------------------------------------------
 
 
-@ray.remote
-def _read_shard(shard: Shard, storage_options: dict) -> list:
-    return list(iter_clips(shard, storage_options=storage_options))
-
-
-@ray.remote
-def _prepare_clip(src, channel_policy: str) -> Clip | ClipFailure:
-    return prepare_clip(src, channel_policy=channel_policy)
-
-
-@ray.remote(max_restarts=0, max_task_retries=0)
-class ShardEncoder:
-    """Holds one Mimi; encodes decoded shards and commits them (Parquet file, then done record)."""
-
-    def __init__(self, cfg: RunConfig, model_files: ModelFiles):
-        self.cfg, self.model_files = cfg, model_files
-        self.device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
-        if cfg.device == "cuda" and self.device != "cuda":
-            raise RunError("device is 'cuda' but CUDA is not available to the encoder")
-        if self.device == "cpu":
-            # Ray pins a 1-CPU actor to one thread; a CPU encoder may use the node's cores, sharing them with the
-            # decode tasks (the thread count does not change the codes: tests/test_mimi_model.py).
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // (cfg.num_encoders or 1)))
-        self.model = model_files.load(self.device, getattr(torch, cfg.dtype))
-
-    def info(self) -> dict[str, Any]:
-        return {"device": self.device, "gpu_ids": [str(i) for i in ray.get_gpu_ids()], "pid": os.getpid(),
-                "node": ray.get_runtime_context().get_node_id()}
-
-    def process(self, shard: Shard, decoded: tuple[list[Clip], list[ClipFailure]], attempt: int,
-                started: float) -> dict[str, Any]:
-        clips, failures = decoded
-        cfg = self.cfg
-        clips, codes, encode_failures = encode_clips(
-            self.model, clips, num_codebooks=cfg.num_codebooks, batch_max_seconds=cfg.batch_max_seconds,
-            max_pad_ratio=cfg.max_pad_ratio, chunk_frames=cfg.chunk_frames)
-        result = write_shard(join(cfg.output, manifest.shard_file(shard.shard_id)), clips, codes,
-                             num_codebooks=cfg.num_codebooks, file_metadata=file_metadata(self.model_files, shard),
-                             storage_options=cfg.storage_options)
-        return manifest.write_done_record(cfg.output, shard, result, failures + encode_failures, started=started,
-                                          finished=time.time(), attempt=attempt,
-                                          storage_options=cfg.storage_options)
-
-
-def encoder_resources(cfg: RunConfig) -> dict[str, float]:
-    """Ray resources of one encoder actor: a GPU each when the cluster has GPUs (and device allows), else a CPU."""
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if cfg.device == "cuda" and not gpus:
-        raise RunError("device is 'cuda' but the Ray cluster has no GPUs")
-    return {"num_gpus": 1, "num_cpus": 1} if gpus and cfg.device != "cpu" else {"num_gpus": 0, "num_cpus": 1}
-
-
-class EncoderPool:
-    """``n`` encoder actors, each with a FIFO of submitted calls; a dead actor is replaced by a fresh one."""
-
-    def __init__(self, cfg: RunConfig, model_ref: ray.ObjectRef, n: int):
-        self.cfg, self.model_ref = cfg, model_ref
-        self.resources = encoder_resources(cfg)
-        self.actors = [self._new_actor() for _ in range(n)]
-        self.queues: list[list[ray.ObjectRef]] = [[] for _ in range(n)]
-        self.dead_heads: set[ray.ObjectRef] = set()  # calls that were running when their actor died
+@contextmanager
+def _ray_session(cfg: RunConfig) -> Iterator[None]:
+    """Join (or start, and shut down after) Ray."""
+    started = not ray.is_initialized()
+    if started:
         try:
-            self.infos = ray.get([a.info.remote() for a in self.actors])
-        except RayError as exc:
-            raise RunError(f"the encoders could not start: {exc}") from exc
-
-    def _new_actor(self):
-        return ShardEncoder.options(**self.resources).remote(self.cfg, self.model_ref)
-
-    def free_slot(self) -> int | None:
-        """The least busy encoder with room in its queue, or None."""
-        slot = min(range(len(self.actors)), key=lambda i: len(self.queues[i]))
-        return slot if len(self.queues[slot]) < ENCODER_QUEUE_DEPTH else None
-
-    def submit(self, slot: int, *args) -> ray.ObjectRef:
-        ref = self.actors[slot].process.remote(*args)
-        self.queues[slot].append(ref)
-        return ref
-
-    def release(self, slot: int, ref: ray.ObjectRef, actor_died: bool) -> bool:
-        """Forget the call ``ref``; replace its actor if it died. Returns whether the call is charged an attempt:
-        it raised, or it was the one running when its actor died (the calls queued behind it are not)."""
-        if actor_died and ref in self.queues[slot]:  # first news of this actor's death
-            log.warning("encoder %d died; starting a new one", slot)
-            self.dead_heads.add(self.queues[slot][0])
-            ray.kill(self.actors[slot], no_restart=True)
-            self.actors[slot], self.queues[slot] = self._new_actor(), []
-        if ref in self.queues[slot]:
-            self.queues[slot].remove(ref)
-        if not actor_died:
-            return True
-        charged = ref in self.dead_heads
-        self.dead_heads.discard(ref)
-        return charged
-
-    def shutdown(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
+            ray.init(address=cfg.ray_address)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise RunError(f"cannot start or join Ray (address {cfg.ray_address!r}): {exc}") from exc
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
-# --- scheduling ------------------------------------------------------------------------------------------------------
+@ray.remote(max_retries=3)
+def _maintenance(output: Output, policy: retry.RetryPolicy, method: str, *args: Any) -> Any:
+    """One commit step on the output (retire a stale file, conform a file to the schema), as a Ray task."""
+    retry.set_policy(policy)
+    return getattr(output, method)(*args)
 
 
-@dataclass
-class _Job:
-    """One shard on its way through the pipeline."""
+def _run_steps(output: Output, what: str, calls: list[tuple[str, str, tuple]], periodic: Callable[[], None]
+               ) -> dict[str, str]:
+    """Run ``(shard id, method, args)`` commit steps as Ray tasks; return the shards whose step failed, with why."""
+    if not calls:
+        return {}
+    log.info("%s: %d file(s)", what, len(calls))
+    policy = retry.policy()
+    refs = {_maintenance.options(num_cpus=1, name=f"{method}:{shard_id}").remote(output, policy, method, *args):
+            shard_id for shard_id, method, args in calls}
+    errors, waited = {}, 0.0
+    while refs:
+        finished, _ = ray.wait(list(refs), num_returns=len(refs), timeout=1.0)
+        for ref in finished:
+            shard_id = refs.pop(ref)
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                errors[shard_id] = f"{what} failed: {retry.brief(exc)}"
+                log.error("%s: shard %s: %s", what, shard_id, retry.brief(exc))
+        waited = 0.0 if finished else waited + 1.0
+        if waited and waited % 60 == 0:
+            log.info("%s: waiting for %d file(s) (%.0f s)", what, len(refs), waited)
+        periodic()
+    return errors
 
-    shard: Shard
-    started: float
-    attempt: int = 1  # encode attempt, from 1
-    decoded: ray.ObjectRef | None = None  # (clips, failures), once decoded
+
+# --- the run -----------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Assembly:
-    """A shard being redone clip by clip: its read items, each replaced by its Clip or ClipFailure when known."""
-
-    job: _Job
-    items: list
-    remaining: int
-
-
-def _brief(exc: BaseException) -> str:
-    """``Class: first line`` of an error (of its cause, for errors raised inside a Ray task)."""
-    cause = getattr(exc, "cause", None) or exc
-    lines = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {lines[0][:300] if lines else ''}"
-
-
-class _Scheduler:
-    """Moves shards through decode → encode → commit, reacting to each finished Ray call; updates ``done``."""
-
-    def __init__(self, cfg: RunConfig, shards: list[Shard], pool: EncoderPool, max_in_flight: int,
-                 done: dict[str, dict]):
-        self.cfg, self.pool, self.max_in_flight, self.done = cfg, pool, max_in_flight, done
-        self.waiting: deque[Shard] = deque(shards)
-        self.ready: deque[_Job] = deque()  # decoded, waiting for an encoder
-        self.handlers: dict[ray.ObjectRef, Callable[[ray.ObjectRef], None]] = {}
-        self.in_flight = 0  # shards between decode submission and commit (or giving up)
-        self.errors: dict[str, str] = {}  # shards given up on → why
-
-    def run(self, periodic: list[Callable[[], None]]) -> None:
-        while self.waiting or self.ready or self.handlers:
-            self._submit()
-            finished, _ = ray.wait(list(self.handlers), num_returns=1, timeout=1.0)
-            if finished:
-                finished, _ = ray.wait(list(self.handlers), num_returns=len(self.handlers), timeout=0)
-            for ref in finished:
-                self.handlers.pop(ref)(ref)
-            for fn in periodic:
-                fn()
-
-    def _submit(self) -> None:
-        cfg = self.cfg
-        while self.waiting and self.in_flight < self.max_in_flight:
-            job = _Job(self.waiting.popleft(), time.time())
-            summary, job.decoded = _decode_shard.options(
-                name=f"decode:{job.shard.shard_id}", num_cpus=1, max_retries=cfg.shard_retries, retry_exceptions=True,
-            ).remote(job.shard, cfg.channel_policy, cfg.storage_options)
-            self._on(summary, self._decoded, job)
-            self.in_flight += 1
-        while self.ready and (slot := self.pool.free_slot()) is not None:
-            job = self.ready.popleft()
-            self._on(self.pool.submit(slot, job.shard, job.decoded, job.attempt, job.started), self._encoded, job, slot)
-
-    def _on(self, ref: ray.ObjectRef, handler: Callable, *args) -> None:
-        self.handlers[ref] = lambda r: handler(r, *args)
-
-    def _decoded(self, ref: ray.ObjectRef, job: _Job) -> None:
-        try:
-            ray.get(ref)
-        except RayError as exc:
-            log.warning("decoding shard %s failed %d time(s), last with %s; redoing it clip by clip",
-                        job.shard.shard_id, self.cfg.shard_retries + 1, _brief(exc))
-            job.decoded = None
-            read = _read_shard.options(name=f"read:{job.shard.shard_id}", num_cpus=1,
-                                       max_retries=self.cfg.shard_retries, retry_exceptions=True)
-            self._on(read.remote(job.shard, self.cfg.storage_options), self._read, job)
-            return
-        self.ready.append(job)
-
-    def _read(self, ref: ray.ObjectRef, job: _Job) -> None:
-        try:
-            items = ray.get(ref)
-        except RayError as exc:
-            self._give_up(job, f"reading its clips failed: {_brief(exc)}")
-            return
-        sources = [i for i, item in enumerate(items) if not isinstance(item, ClipFailure)]
-        assembly = _Assembly(job, items, len(sources))
-        for i in sources:
-            task = _prepare_clip.options(name=f"prepare_clip:{items[i].clip_id}", num_cpus=1,
-                                         max_retries=self.cfg.shard_retries)
-            self._on(task.remote(items[i], self.cfg.channel_policy), self._clip_prepared, assembly, i)
-        self._assembled(assembly)
-
-    def _clip_prepared(self, ref: ray.ObjectRef, assembly: _Assembly, i: int) -> None:
-        src = assembly.items[i]
-        try:
-            assembly.items[i] = ray.get(ref)
-        except RayError as exc:
-            log.warning("clip %s (%s) could not be decoded: %s", src.clip_id, src.source_uri, _brief(exc))
-            assembly.items[i] = ClipFailure.from_exception(src.clip_id, src.source_uri, "crash", exc)
-        assembly.remaining -= 1
-        self._assembled(assembly)
-
-    def _assembled(self, assembly: _Assembly) -> None:
-        if assembly.remaining:
-            return
-        clips = [item for item in assembly.items if isinstance(item, Clip)]
-        failures = [item for item in assembly.items if isinstance(item, ClipFailure)]
-        assembly.job.decoded = ray.put((clips, failures))
-        self.ready.append(assembly.job)
-
-    def _encoded(self, ref: ray.ObjectRef, job: _Job, slot: int) -> None:
-        try:
-            record = ray.get(ref)
-        except RayError as exc:
-            if self.pool.release(slot, ref, actor_died=isinstance(exc, RayActorError)):
-                job.attempt += 1
-            if job.attempt > self.cfg.shard_retries + 1:
-                self._give_up(job, f"encoding failed {job.attempt - 1} time(s), last with {_brief(exc)}")
-            else:
-                log.warning("encoding shard %s failed (%s); retrying", job.shard.shard_id, _brief(exc))
-                self.ready.appendleft(job)
-            return
-        self.pool.release(slot, ref, actor_died=False)
-        self.done[job.shard.shard_id] = record
-        self.in_flight -= 1
-
-    def _give_up(self, job: _Job, reason: str) -> None:
-        log.error("giving up on shard %s for this run: %s", job.shard.shard_id, reason)
-        self.errors[job.shard.shard_id] = reason
-        self.in_flight -= 1
+def _progress_line(m: dict[str, Any]) -> str:
+    totals, timing = m["totals"], m["timing"]
+    eta = f", ETA {timing['eta_s'] / 60:.1f} min" if timing["eta_s"] is not None else ""
+    label = "[UNTRAINED model] " if m["model"].get("untrained") else ""
+    return (f"{label}{totals['shards_done']}/{totals['shards']} shards, {totals['hours']:.2f} h of audio, "
+            f"{timing['x_realtime']:.1f}x realtime{eta}, {totals['failed_clips']} failed clip(s)")
 
 
 class _Every:
@@ -364,76 +184,59 @@ class _Every:
             self.last = time.time()
 
 
-# --- the run -------------------------------------------------------------------------------------------------------
+def _encode(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, schema: pa.Schema | None,
+            done: dict[str, dict], periodic: Callable[[], None]) -> dict[str, str]:
+    """Encode the plan's pending shards on the encoder pool; return the shards given up on."""
+    resources = ray.cluster_resources()
+    use_gpus = cfg.device != "cpu" and resources.get("GPU", 0) > 0
+    if cfg.device == "cuda" and not resources.get("GPU", 0):
+        raise RunError("device is 'cuda' but the Ray cluster has no GPUs")
+    expected = cfg.num_encoders or (int(resources["GPU"]) if use_gpus else 1)
+    cpus = int(resources.get("CPU", 1))
+    slots = cfg.decode_tasks_per_encoder or max(2, (cpus - expected) // expected)
+    decode = DecodeSettings(cfg.channel_policy, cfg.part_seconds, cfg.max_clip_seconds, cfg.input_options(),
+                            retry.policy())
+    settings = EncoderSettings(cfg.num_codebooks, cfg.batch_max_seconds, cfg.max_pad_ratio, cfg.chunk_frames,
+                               cfg.device, cfg.dtype, max(1, cpus // expected), cfg.shard_retries, cfg.stall_timeout_s)
+    model_ref = ray.put(model_files)
+    actor = ShardEncoder.options(num_gpus=1 if use_gpus else 0, num_cpus=1, max_concurrency=slots + 2,
+                                 memory=ENCODER_MEMORY + slots * decode.part_bytes)
+    pool = EncoderPool(lambda: actor.remote(settings, decode, model_ref, output), fixed=cfg.num_encoders,
+                       use_gpus=use_gpus, slots=slots)
+    schema_json = None if schema is None else output_schema.to_json(schema)
 
+    def submit(encoder, job: Job):
+        return encoder.handle.process.remote(job.shard, attempt=job.attempt, carry=job.carry, schema=schema_json)
 
-def _init_run(cfg: RunConfig, model_files: ModelFiles) -> dict[str, Any]:
-    model = {"source": model_files.source, "revision": model_files.revision, "sha256": model_files.sha256,
-             "untrained": model_files.untrained}
-    run = manifest.make_run(cfg.to_dict(), model, cfg.num_codebooks)
-    stored = manifest.init_run(cfg.output, run, cfg.storage_options)
-    changed = [f"{k}: output has {stored['config'].get(k)!r}, this run has {run['config'][k]!r}"
-               for k in SETTINGS_FIXED_ON_RESUME if stored["config"].get(k) != run["config"][k]]
-    if changed:
-        raise manifest.IncompatibleOutputError(
-            "the output folder was started with other settings (" + "; ".join(changed) + "). Write to a new "
-            "output folder, or resume with the same settings.")
-    return stored
+    def on_done(record: dict[str, Any]) -> None:
+        done[record["shard"]["shard_id"]] = record
 
-
-def _discover(cfg: RunConfig) -> list[Shard]:
+    log.info("%d shard(s) to encode on %d encoder(s) (%s), %d decode task(s) each", len(plan.pending), expected,
+             "GPU" if use_gpus else "CPU", slots)
+    scheduler = Scheduler(pool, [Job(s, s.shard_id in plan.carry) for s in plan.pending], submit=submit,
+                          on_done=on_done, shard_retries=cfg.shard_retries, encoder_wait_s=cfg.encoder_wait_s,
+                          wait_log_s=cfg.progress_interval_s)
     try:
-        return discover_shards(cfg.input, files_per_shard=cfg.files_per_shard, max_shard_bytes=cfg.max_shard_bytes,
-                               storage_options=cfg.storage_options)
-    except (OSError, ValueError) as exc:
-        raise RunError(f"cannot use input {manifest.redact(cfg.input)}: {exc}") from exc
-
-
-def _progress_line(m: dict[str, Any]) -> str:
-    totals, timing = m["totals"], m["timing"]
-    eta = f", ETA {timing['eta_s'] / 60:.1f} min" if timing["eta_s"] is not None else ""
-    label = "[UNTRAINED model] " if m["model"].get("untrained") else ""
-    return (f"{label}{totals['shards_done']}/{totals['shards']} shards, {totals['hours']:.2f} h of audio, "
-            f"{timing['x_realtime']:.1f}x realtime{eta}, {totals['failed_clips']} failed clip(s)")
-
-
-def _report(cfg: RunConfig, run_record: dict[str, Any], shards: list[Shard], done: dict[str, dict],
-            started: float) -> None:
-    """Log the progress and rewrite manifest.json (status "running"), for `mimi-tokenize status`."""
-    current = manifest.build_manifest(cfg.output, run_record, shards, done, started=started)
-    log.info(_progress_line(current))
-    try:
-        manifest.write_manifest(cfg.output, current, cfg.storage_options)
-    except OSError as exc:
-        log.warning("could not update the manifest (%s); will retry", _brief(exc))
-
-
-def _encode_pending(cfg: RunConfig, pending: list[Shard], model_files: ModelFiles, done: dict[str, dict],
-                    periodic: list[Callable[[], None]]) -> dict[str, str]:
-    """Run the pending shards on Ray (joined, or started here and shut down after); return the shards given up on."""
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        try:
-            ray.init(address=cfg.ray_address)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise RunError(f"cannot start or join Ray (address {cfg.ray_address!r}): {exc}") from exc
-    pool = None
-    try:
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0)) if cfg.device != "cpu" else 0
-        n = cfg.num_encoders or gpus or 1
-        pool = EncoderPool(cfg, ray.put(model_files), n)
-        log.info("%d encoder(s): %s", n, ", ".join(f"{i['device']} (GPU ids {i['gpu_ids']})" for i in pool.infos))
-        decode_cpus = max(1, int(resources.get("CPU", 1)) - n * int(pool.resources["num_cpus"]))
-        scheduler = _Scheduler(cfg, pending, pool, cfg.max_shards_in_flight or decode_cpus + ENCODER_QUEUE_DEPTH * n,
-                               done)
-        scheduler.run(periodic)
-        return scheduler.errors
+        return scheduler.run(periodic)
     finally:
-        if pool is not None:
-            pool.shutdown()
-        if started_ray:
-            ray.shutdown()
+        pool.shutdown()
+
+
+def _unify_schema(cfg: RunConfig, output: Output, periodic: Callable[[], None]) -> dict[str, str]:
+    """At commit: bring every file to the union of the metadata schemas (WebDataset inputs, or types that grew)."""
+    done = manifest.load_done(cfg.output, cfg.output_options())
+    url = join(cfg.output, output_schema.SCHEMA_PATH)
+    try:
+        stored = [output_schema.from_json(storage.read_json(url, cfg.output_options()))]
+    except FileNotFoundError:
+        stored = []
+    schemas = {shard_id: output_schema.from_json(r["schema"]) for shard_id, r in done.items()}
+    target = output_schema.unify([*stored, *schemas.values()])
+    if not stored or not target.equals(stored[0], check_metadata=True):
+        storage.write_json(url, output_schema.to_json(target), cfg.output_options())
+    calls = [(shard_id, "conform", (done[shard_id], target)) for shard_id, s in schemas.items()
+             if not s.equals(target, check_metadata=True)]
+    return _run_steps(output, "unifying the metadata columns", calls, periodic)
 
 
 def run(cfg: RunConfig) -> int:
@@ -446,34 +249,80 @@ def run(cfg: RunConfig) -> int:
     if not cfg.input or not cfg.output:
         raise RunError("input and output are required (--input URL --output URL, or in the config file)")
     cfg = dataclasses.replace(cfg, input=_absolute(cfg.input), output=_absolute(cfg.output))
+    retry.set_policy(retry.RetryPolicy(outage_s=cfg.storage_retry_s))
     session_start = time.time()
-    model_files = load_model_files(cfg)
+    model_files = load_model_files(cfg.model, cfg.revision, cfg.num_codebooks)
     if model_files.untrained:
         log.warning("model %s holds UNTRAINED generated weights: the codes carry no meaning (for trying the "
                     "pipeline only); the manifest records model.untrained = true", model_files.source)
-    lock = RunLock(cfg.output, run_id=uuid.uuid4().hex[:12], storage_options=cfg.storage_options)
+    options = cfg.output_options()
+    lock = RunLock(cfg.output, run_id=uuid.uuid4().hex[:12], storage_options=options)
     lock.acquire(wait_s=cfg.lock_wait_s)
+    lock.start_heartbeat(LOCK_REFRESH_S)
     try:
         run_record = _init_run(cfg, model_files)
         shards = _discover(cfg)
-        done = manifest.load_done(cfg.output, cfg.storage_options)
-        pending = [s for s in shards if s.shard_id not in done]
-        log.info("%s: %d shard(s), %d already done, %d to encode", manifest.redact(cfg.input), len(shards),
-                 len(shards) - len(pending), len(pending))
-        final = _finished_manifest(cfg, len(shards)) if not pending else None
+        lock.check()
+        schema = _decide_schema(cfg, shards)
+        output = Output(cfg.output, cfg.num_codebooks, model_files.file_metadata(), options)
+        records, files = manifest.load_records(cfg.output, options)
+        plan = make_plan(shards, records, files, prune=cfg.prune, read_ids=output.read_ids)
+        for warning in plan.warnings:
+            log.warning("%s", warning)
+        _log_plan(cfg, plan)
+        final = _finished_manifest(cfg, plan)
         if final is None:
-            periodic = [_Every(LOCK_REFRESH_S, lock.refresh),
-                        _Every(cfg.progress_interval_s, lambda: _report(cfg, run_record, shards, done, session_start))]
-            errors = _encode_pending(cfg, pending, model_files, done, periodic) if pending else {}
-            final = manifest.build_manifest(cfg.output, run_record, shards,
-                                            manifest.load_done(cfg.output, cfg.storage_options),
-                                            started=session_start, finished=time.time())
-            if errors:
-                final["shard_errors"] = errors
-            manifest.write_manifest(cfg.output, final, cfg.storage_options)
+            final = _work(cfg, plan, model_files, output, schema, run_record, lock, session_start)
     finally:
         lock.release()
     return exit_code(cfg, final)
+
+
+def _work(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, schema: pa.Schema | None,
+          run_record: dict[str, Any], lock: RunLock, session_start: float) -> dict[str, Any]:
+    """Retire, encode and unify on Ray; return the final manifest (written)."""
+    options = cfg.output_options()
+    done = {**plan.retained, **plan.done}
+
+    def report() -> None:
+        current = manifest.build_manifest(cfg.output, run_record, plan.shards, done, started=session_start,
+                                          changes=plan.changes)
+        log.info(_progress_line(current))
+        try:
+            manifest.write_manifest(cfg.output, current, options)
+        except OSError as exc:
+            log.warning("could not update the manifest (%s); will retry", retry.brief(exc))
+
+    progress = _Every(cfg.progress_interval_s, report)
+
+    def periodic() -> None:
+        lock.check()
+        progress()
+
+    with _ray_session(cfg):
+        errors = _run_steps(output, "retiring files the listing no longer matches",
+                            [(r.shard_id, "retire", (r,)) for r in plan.retire], periodic)
+        if errors:  # encoding now could write a clip that a stale file still holds: stop here
+            log.error("%d stale file(s) could not be retired; nothing is encoded this run", len(errors))
+        elif plan.pending:
+            errors = _encode(cfg, plan, model_files, output, schema, done, periodic)
+        errors.update(_unify_schema(cfg, output, periodic))
+    final = manifest.build_manifest(cfg.output, run_record, plan.shards, manifest.load_done(cfg.output, options),
+                                    started=session_start, finished=time.time(), changes=plan.changes)
+    if errors:
+        final["shard_errors"] = errors
+    manifest.write_manifest(cfg.output, final, options)
+    return final
+
+
+def _log_plan(cfg: RunConfig, plan: Plan) -> None:
+    shards, clips = plan.changes["shards"], plan.changes["clips"]
+    log.info("%s: %d shard(s), %d already done, %d to encode", manifest.redact(cfg.input), len(plan.shards),
+             len(plan.done), len(plan.pending))
+    if plan.retire or shards["changed"] or clips["gone"]:
+        log.info("listing changed: %d shard(s) added, %d changed, %d removed; %d clip(s) new, %d gone (%s)",
+                 shards["added"], shards["changed"], shards["removed"], clips["new"], clips["gone"],
+                 "pruned" if plan.changes["prune"] else "their rows are kept; --prune drops them")
 
 
 def _absolute(url: str) -> str:
@@ -481,13 +330,15 @@ def _absolute(url: str) -> str:
     return url if "://" in url else os.path.abspath(os.path.expanduser(url))
 
 
-def _finished_manifest(cfg: RunConfig, n_shards: int) -> dict[str, Any] | None:
-    """The output's manifest if it already records every shard as done (then there is nothing to rewrite)."""
+def _finished_manifest(cfg: RunConfig, plan: Plan) -> dict[str, Any] | None:
+    """The output's manifest, if there is nothing to do and it already records the listing as complete."""
+    if plan.pending or plan.retire:
+        return None
     try:
-        existing = manifest.read_manifest(cfg.output, cfg.storage_options)
+        existing = manifest.read_manifest(cfg.output, cfg.output_options())
     except FileNotFoundError:
         return None
-    complete = existing["status"] == "complete" and existing["totals"]["shards"] == n_shards
+    complete = existing["status"] == "complete" and existing["totals"]["shards"] == len(plan.shards)
     return existing if complete else None
 
 
@@ -504,3 +355,4 @@ def exit_code(cfg: RunConfig, final: dict[str, Any]) -> int:
                   100 * share, 100 * cfg.max_failure_share, join(manifest.redact(cfg.output), manifest.MANIFEST_PATH))
         return 1
     return 0
+

@@ -1,6 +1,8 @@
 """Storage helpers over fsspec: URLs, atomic writes, JSON state files and the run lock.
 
-Works with local paths, ``file://``, ``s3://``, ``gs://``, ``memory://`` and any other fsspec protocol.
+Works with local paths, ``file://``, ``s3://``, ``gs://``, ``memory://`` and any other fsspec protocol. Every call to
+the store goes through :func:`pipeline.retry.call`: transient errors (5xx, throttling, resets, timeouts) are retried
+with backoff for the retry window before they fail the operation.
 
 Atomic writes: every output is first written completely to a local file, then published in one step:
 
@@ -15,10 +17,12 @@ Atomic writes: every output is first written completely to a local file, then pu
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,6 +32,10 @@ from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from pipeline import retry
+
+log = logging.getLogger(__name__)
 
 OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
 LOCK_PATH = "_state/lock.json"
@@ -59,14 +67,15 @@ def _tmp_sibling(path: str) -> str:
 def atomic_put_file(local_path: str, url: str, storage_options: dict[str, Any] | None = None) -> None:
     """Publish a complete local file at ``url``: readers see either nothing (or the old file) or all of it."""
     fs, path = get_fs(url, storage_options)
+    what = f"write {url}"
     if _is_object_store(fs):
-        fs.put_file(local_path, path)  # one upload: the object appears only once complete
+        retry.call(fs.put_file, local_path, path, what=what)  # one upload: the object appears only once complete
         return
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    retry.call(fs.makedirs, posixpath.dirname(path), exist_ok=True, what=what)
     tmp = _tmp_sibling(path)
     try:
-        fs.put_file(local_path, tmp)
-        fs.mv(tmp, path)
+        retry.call(fs.put_file, local_path, tmp, what=what)
+        retry.call(fs.mv, tmp, path, what=what)
     except BaseException:
         if fs.exists(tmp):
             fs.rm(tmp)
@@ -114,14 +123,14 @@ def write_json(url: str, obj: Any, storage_options: dict[str, Any] | None = None
 def read_json(url: str, storage_options: dict[str, Any] | None = None) -> Any:
     """Read a JSON file; raises ``FileNotFoundError`` if it does not exist."""
     fs, path = get_fs(url, storage_options)
-    return json.loads(fs.cat_file(path))
+    return json.loads(retry.call(fs.cat_file, path, what=f"read {url}"))
 
 
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     """Whether ``url`` exists, asked of the store itself (not a cached listing)."""
     fs, path = get_fs(url, storage_options)
     fs.invalidate_cache(path)
-    return fs.exists(path)
+    return retry.call(fs.exists, path, what=f"stat {url}")
 
 
 def list_files(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, int]:
@@ -132,7 +141,7 @@ def list_files(url: str, storage_options: dict[str, Any] | None = None) -> dict[
     fs, path = get_fs(url, storage_options)
     fs.invalidate_cache(path)
     try:
-        entries = fs.ls(path, detail=True)
+        entries = retry.call(fs.ls, path, detail=True, what=f"list {url}")
     except FileNotFoundError:
         return {}
     files = {posixpath.basename(e["name"].rstrip("/")): int(e["size"]) for e in entries if e["type"] == "file"}
@@ -140,14 +149,36 @@ def list_files(url: str, storage_options: dict[str, Any] | None = None) -> dict[
 
 
 def read_json_files(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """All ``*.json`` files directly under the folder ``url``, parsed, by file name; fetched concurrently
-    where the store supports it (one ``cat`` call)."""
+    """All ``*.json`` files directly under the folder ``url``, parsed, by file name; fetched concurrently where the
+    store supports it (one ``cat`` call), a file that failed with a transient error is fetched again on its own."""
     fs, path = get_fs(url, storage_options)
     names = [n for n in list_files(url, storage_options) if n.endswith(".json")]
     if not names:
         return {}
-    blobs = fs.cat([posixpath.join(path, n) for n in names], on_error="omit")  # omit: deleted since listed
-    return {posixpath.basename(p): json.loads(b) for p, b in blobs.items()}
+    what = f"read {url}"
+    blobs = retry.call(fs.cat, [posixpath.join(path, n) for n in names], on_error="return", what=what)
+    parsed = {}
+    for full, blob in blobs.items():
+        if isinstance(blob, FileNotFoundError):
+            continue  # deleted since listed
+        if isinstance(blob, BaseException):
+            if not retry.is_transient(blob):
+                raise blob
+            try:
+                blob = retry.call(fs.cat_file, full, what=what)
+            except FileNotFoundError:
+                continue
+        parsed[posixpath.basename(full)] = json.loads(blob)
+    return parsed
+
+
+def remove(url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete the file ``url`` if it exists."""
+    fs, path = get_fs(url, storage_options)
+    try:
+        retry.call(fs.rm_file, path, what=f"delete {url}")
+    except FileNotFoundError:
+        pass
 
 
 class OutputLockedError(RuntimeError):
@@ -251,11 +282,42 @@ class RunLock:
             raise self._locked_error(current, what)
 
     def release(self) -> None:
-        """Delete the lock if this run still holds it."""
+        """Stop the heartbeat; delete the lock if this run still holds it."""
+        self.stop_heartbeat()
         current = self._read()
         if current is not None and current["token"] == self.token:
-            fs, path = get_fs(self.url, self.storage_options)
-            fs.rm(path)
+            remove(self.url, self.storage_options)
+
+    def start_heartbeat(self, interval_s: float = 30.0) -> None:
+        """Renew the heartbeat every ``interval_s`` in a background thread, so that long listings and long waits
+        never let the lock go stale; :meth:`check` raises once the thread finds that another run took it."""
+        self._stop = threading.Event()
+        self.lost: OutputLockedError | None = None
+
+        def beat() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    self.refresh()
+                except OutputLockedError as exc:
+                    self.lost = exc
+                    log.error("%s", exc)
+                    return
+                except Exception as exc:  # the store is down beyond the retry window: keep trying
+                    log.warning("could not renew the lock's heartbeat (%s); trying again", retry.brief(exc))
+
+        self._thread = threading.Thread(target=beat, name="lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop_heartbeat(self) -> None:
+        if getattr(self, "_thread", None) is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def check(self) -> None:
+        """Raise :class:`OutputLockedError` if the heartbeat found the lock taken over by another run."""
+        if getattr(self, "lost", None) is not None:
+            raise self.lost
 
     def __enter__(self) -> "RunLock":
         self.acquire()

@@ -1,43 +1,46 @@
-"""Write one shard's clips and Mimi codes to one Parquet file.
+"""Write one shard's rows (clips and their Mimi codes) to one Parquet file.
 
 Columns, in order: ``id`` (string), ``source_uri`` (string), ``codes`` (``list<fixed_size_list<int16, K>>``,
 time-major ``[F, K]``), ``n_frames`` (int32), ``duration_s`` (float64), ``orig_sample_rate`` (int32),
-``orig_channels`` (int16), then the clips' passthrough metadata columns.
+``orig_channels`` (int16), then the metadata columns.
 
-Metadata columns: the union of the ``Clip.metadata`` keys in first-seen order, null where a clip lacks the
-key, types inferred by pyarrow (nested dicts and lists included). A column whose values pyarrow cannot give
-one type (e.g. ``1`` and ``"a"``), or whose type Parquet cannot store (an empty dict), is written as JSON
-strings instead. Types are inferred per shard, so a key should keep one type across the corpus. A key
-that collides with a core column is written as ``meta_{key}``.
+Metadata columns: those of the output's schema (:mod:`pipeline.schema`), in its order, typed as it says (null where
+a clip lacks the key), then any key the output does not know yet, typed by inference (the end of the run unifies
+them across shards). A key that collides with a core column is written as ``meta_{key}``.
+
+Rows carried over from the shard's previous file (clips whose inputs are gone, see :mod:`pipeline.plan`) follow the
+encoded rows, as they were.
 
 The file is zstd-compressed with dictionary encoding and a page index, split into row groups of about
-``row_group_bytes`` of raw codes, and carries ``file_metadata`` (plus ``schema_version`` and
-``num_codebooks``) as Arrow schema key-value metadata.
+``row_group_bytes`` of raw codes, and carries ``file_metadata`` (plus ``schema_version`` and ``num_codebooks``) as
+Arrow schema key-value metadata.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mimi.checkpoint import sha256_file
+from pipeline import schema as output_schema
 from pipeline.storage import atomic_output
-from pipeline.types import Clip
+from pipeline.types import EncodedClip
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CODEBOOK_SIZE = 2048
 CORE_COLUMNS = ("id", "source_uri", "codes", "n_frames", "duration_s", "orig_sample_rate", "orig_channels")
 
 
 @dataclass(frozen=True)
 class ShardWriteResult:
-    """What was written: rows (clips), frames and audio seconds (summed), file size and sha256, final URL."""
+    """What was written: rows (clips), frames and audio seconds (summed), file size and sha256, final URL, the
+    file's metadata schema, and how many rows were carried over from the previous file."""
 
     rows: int
     frames: int
@@ -45,6 +48,8 @@ class ShardWriteResult:
     bytes: int
     sha256: str
     path: str
+    metadata_schema: pa.Schema
+    carried: int = 0
 
 
 def codes_type(num_codebooks: int) -> pa.DataType:
@@ -67,85 +72,95 @@ def codes_array(codes: list[np.ndarray], num_codebooks: int) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), steps)
 
 
-def _parquet_storable(t: pa.DataType) -> bool:
-    """False if ``t`` nests an empty struct (inferred from ``{}``), which Parquet cannot store."""
-    if pa.types.is_struct(t) and t.num_fields == 0:
-        return False
-    return all(_parquet_storable(t.field(i).type) for i in range(t.num_fields))
-
-
-def _metadata_columns(clips: list[Clip]) -> dict[str, pa.Array]:
-    keys = list(dict.fromkeys(k for clip in clips for k in clip.metadata))
-    columns = {}
+def _metadata(rows: list[EncodedClip], schema: pa.Schema | None) -> tuple[list[pa.Field], list[pa.Array]]:
+    known = {f.name: f for f in schema or []}
+    keys = [*known, *dict.fromkeys(k for row in rows for k in row.info.metadata if k not in known)]
+    fields, arrays = [], []
     for key in keys:
-        values = [clip.metadata.get(key) for clip in clips]
-        try:
-            array = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            array = None
-        if array is None or not _parquet_storable(array.type):
-            array = pa.array([None if v is None else json.dumps(v, default=str) for v in values], type=pa.string())
-        columns[f"meta_{key}" if key in CORE_COLUMNS else key] = array
-    return columns
+        name = f"meta_{key}" if key in CORE_COLUMNS else key
+        field, array = output_schema.column(name, [row.info.metadata.get(key) for row in rows], known.get(key))
+        fields.append(field.with_name(name))
+        arrays.append(array)
+    return fields, arrays
 
 
-def build_table(clips: list[Clip], codes: list[np.ndarray], *, num_codebooks: int,
-                file_metadata: dict[str, str]) -> pa.Table:
+def build_table(rows: list[EncodedClip], *, num_codebooks: int, file_metadata: dict[str, str],
+                schema: pa.Schema | None = None, carried: pa.Table | None = None) -> pa.Table:
     """The shard's Arrow table (see the module docstring for the schema)."""
-    if len(clips) != len(codes):
-        raise ValueError(f"{len(clips)} clips but {len(codes)} code arrays")
+    codes = [row.codes for row in rows]
     core = {
-        "id": pa.array([c.clip_id for c in clips], pa.string()),
-        "source_uri": pa.array([c.source_uri for c in clips], pa.string()),
+        "id": pa.array([r.info.clip_id for r in rows], pa.string()),
+        "source_uri": pa.array([r.info.source_uri for r in rows], pa.string()),
         "codes": codes_array(codes, num_codebooks),
         "n_frames": pa.array([c.shape[1] for c in codes], pa.int32()),
-        "duration_s": pa.array([c.duration_s for c in clips], pa.float64()),
-        "orig_sample_rate": pa.array([c.orig_sample_rate for c in clips], pa.int32()),
-        "orig_channels": pa.array([c.orig_channels for c in clips], pa.int16()),
+        "duration_s": pa.array([r.duration_s for r in rows], pa.float64()),
+        "orig_sample_rate": pa.array([r.info.orig_sample_rate for r in rows], pa.int32()),
+        "orig_channels": pa.array([r.info.orig_channels for r in rows], pa.int16()),
     }
-    table = pa.table({**core, **_metadata_columns(clips)})
+    fields, arrays = _metadata(rows, schema)
+    core_fields = [pa.field(name, array.type) for name, array in core.items()]
     metadata = {**file_metadata, "schema_version": str(SCHEMA_VERSION), "num_codebooks": str(num_codebooks)}
-    return table.replace_schema_metadata(metadata)
+    table = pa.Table.from_arrays([*core.values(), *arrays], schema=pa.schema(core_fields + fields, metadata=metadata))
+    if carried is not None and carried.num_rows:
+        unified = output_schema.unify([metadata_schema(table), metadata_schema(carried)])
+        table = pa.concat_tables([output_schema.conform(t, unified, len(CORE_COLUMNS)) for t in (table, carried)])
+    return table
+
+
+def metadata_schema(table: pa.Table | pa.Schema) -> pa.Schema:
+    """The metadata columns of a shard table or file schema (without the core columns and key-value metadata)."""
+    schema = table if isinstance(table, pa.Schema) else table.schema
+    return pa.schema(list(schema)[len(CORE_COLUMNS):])
 
 
 def _row_group_bounds(row_bytes: np.ndarray, row_group_bytes: int) -> list[tuple[int, int]]:
-    """Consecutive ``[start, stop)`` row ranges of about ``row_group_bytes`` each (at least one row each)."""
+    """Consecutive ``[start, stop)`` row ranges of about ``row_group_bytes`` each (at least one row each; none for no
+    rows: a file without row groups, which ``datasets`` skips, where an empty row group makes it fail)."""
     bounds, start, acc = [], 0, 0
     for i, b in enumerate(row_bytes):
         acc += int(b)
         if acc >= row_group_bytes:
             bounds.append((start, i + 1))
             start, acc = i + 1, 0
-    if start < len(row_bytes) or not bounds:
+    if start < len(row_bytes):
         bounds.append((start, len(row_bytes)))
     return bounds
 
 
-def write_shard(url: str, clips: list[Clip], codes: list[np.ndarray], *, num_codebooks: int,
-                file_metadata: dict[str, str], storage_options: dict[str, Any] | None = None,
+def write_table(url: str, table: pa.Table, *, carried: int = 0, storage_options: dict[str, Any] | None = None,
                 row_group_bytes: int = 100 * 2**20) -> ShardWriteResult:
-    """Write ``clips`` and their ``[K, F]`` ``codes`` to the Parquet file ``url``, atomically.
-
-    The file is written to a local temporary file, hashed, then published (see
-    :func:`pipeline.storage.atomic_output`); if anything fails, ``url`` is left untouched.
-    """
-    table = build_table(clips, codes, num_codebooks=num_codebooks, file_metadata=file_metadata)
+    """Write a shard ``table`` to the Parquet file ``url`` atomically (see :func:`pipeline.storage.atomic_output`):
+    if anything fails, ``url`` is left untouched. ``carried``: how many of its rows are carried over."""
+    num_codebooks = table.schema.field("codes").type.value_type.list_size
     n_frames = table.column("n_frames").to_numpy()
     bounds = _row_group_bounds(n_frames.astype(np.int64) * num_codebooks * 2, row_group_bytes)
     with atomic_output(url, storage_options) as tmp:
         with pq.ParquetWriter(tmp, table.schema, compression="zstd", use_dictionary=True,
                               write_page_index=True) as writer:
             for start, stop in bounds:
-                writer.write_table(table.slice(start, stop - start), row_group_size=max(stop - start, 1))
+                writer.write_table(table.slice(start, stop - start), row_group_size=stop - start)
         size, digest = os.path.getsize(tmp), sha256_file(tmp)
     return ShardWriteResult(
         rows=table.num_rows,
         frames=int(n_frames.sum()),
-        duration_s=float(sum(c.duration_s for c in clips)),
+        duration_s=float(pc.sum(table.column("duration_s")).as_py() or 0.0),
         bytes=size,
         sha256=digest,
         path=url,
+        metadata_schema=metadata_schema(table),
+        carried=carried,
     )
+
+
+def write_shard(url: str, rows: list[EncodedClip], *, num_codebooks: int, file_metadata: dict[str, str],
+                schema: pa.Schema | None = None, carried: pa.Table | None = None,
+                storage_options: dict[str, Any] | None = None, row_group_bytes: int = 100 * 2**20
+                ) -> ShardWriteResult:
+    """Write ``rows`` (then the ``carried`` rows) to the Parquet file ``url``, atomically."""
+    table = build_table(rows, num_codebooks=num_codebooks, file_metadata=file_metadata, schema=schema,
+                        carried=carried)
+    return write_table(url, table, carried=0 if carried is None else carried.num_rows,
+                       storage_options=storage_options, row_group_bytes=row_group_bytes)
 
 
 def read_codes(source: Any, index: int = 0) -> np.ndarray:

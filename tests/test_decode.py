@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+import soxr
 
-from pipeline.decode import DecodeError, decode_audio
+from pipeline.decode import BLOCK_FRAMES, DecodeError, decode_audio, decode_blocks
 from pipeline.prepare import prepare_clip
-from pipeline.resample import resample, to_mono
+from pipeline.resample import MonoResampler, parse_channel_policy, to_mono
+from pipeline.retry import RetryingFile, RetryPolicy, set_policy
 from pipeline.types import SAMPLE_RATE, Clip, ClipFailure, ClipSource
 from tests.audio_fixtures import FORMATS, corrupt_bytes, encode, lying_wav_bytes, signal, wav_bytes
 
@@ -55,7 +59,7 @@ def test_pyav_fallback_without_name_hint() -> None:
     ("data", "message"),
     [
         (b"", "empty input"),
-        (corrupt_bytes(), "cannot decode 4096 bytes; tried soundfile: .*; pyav: "),
+        (corrupt_bytes(), "cannot decode; tried soundfile: .*; pyav: "),
         (lying_wav_bytes(), "truncated WAV: header declares 16000 data bytes, file holds 7978"),
         (wav_bytes(np.zeros((0, 1), np.float32), 16_000), "no audio frames"),
         (wav_bytes(np.array([[0.1], [np.nan], [0.2]], np.float32), 16_000, "FLOAT"), "NaN or infinite"),
@@ -81,32 +85,84 @@ def test_streaming_wav_with_unknown_length_is_accepted() -> None:
 
 def test_to_mono_policies() -> None:
     stereo = signal(16_000, channels=2).T
-    np.testing.assert_allclose(to_mono(stereo), stereo.mean(axis=0), rtol=0, atol=1e-7)
-    np.testing.assert_array_equal(to_mono(stereo, "channel:1"), stereo[1])
-    np.testing.assert_array_equal(to_mono(stereo[:1]), stereo[0])
-    assert to_mono(stereo).dtype == np.float32
+    np.testing.assert_allclose(to_mono(stereo, parse_channel_policy("mix", 2)), stereo.mean(axis=0), rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(to_mono(stereo, parse_channel_policy("channel:1", 2)), stereo[1])
+    np.testing.assert_array_equal(to_mono(stereo[:1], None), stereo[0])
+    assert to_mono(stereo, None).dtype == np.float32
     with pytest.raises(ValueError, match="has 2 channel"):
-        to_mono(stereo, "channel:2")
+        parse_channel_policy("channel:2", 2)
     with pytest.raises(ValueError, match="unknown channel policy"):
-        to_mono(stereo, "left")
+        parse_channel_policy("left", 2)
+
+
+def streamed(x: np.ndarray, rate: int, sizes: list[int], channels: int = 1) -> np.ndarray:
+    """``x`` [channels, n] pushed through a MonoResampler in blocks of ``sizes`` (cycled), then flushed."""
+    resampler = MonoResampler(rate, channels)
+    out, start, i = [], 0, 0
+    while start < x.shape[1]:
+        out.append(resampler.push(x[:, start:start + sizes[i % len(sizes)]]))
+        start, i = start + sizes[i % len(sizes)], i + 1
+    out.append(resampler.flush())
+    return np.concatenate(out)
 
 
 @pytest.mark.parametrize("rate", (*RATES, 24_000, 11_025))
 @pytest.mark.parametrize("frames", (1_234, 8_001, 24_000))
-def test_resample_length_and_content(rate: int, frames: int) -> None:
+def test_streamed_resampling_equals_one_shot(rate: int, frames: int) -> None:
+    """soxr's stream, fed blocks of any sizes, gives exactly soxr's one-shot resampling of the whole signal."""
     t = np.arange(frames) / rate
     x = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
-    y = resample(x, rate)
-    assert y.dtype == np.float32
-    assert abs(len(y) - frames * SAMPLE_RATE / rate) <= 0.5  # round(N * 24000 / sr)
-    expected = 0.5 * np.sin(2 * np.pi * 440 * np.arange(len(y)) / SAMPLE_RATE)
+    one_shot = x if rate == SAMPLE_RATE else soxr.resample(x, rate, SAMPLE_RATE, quality="HQ")
+    for sizes in ([frames], [1000], [7, 4096, 333, 1]):
+        y = streamed(x[None], rate, sizes)
+        assert y.dtype == np.float32
+        np.testing.assert_array_equal(y, one_shot)  # bit for bit
+    assert abs(len(one_shot) - frames * SAMPLE_RATE / rate) <= 0.5  # round(N * 24000 / sr)
+    expected = 0.5 * np.sin(2 * np.pi * 440 * np.arange(len(one_shot)) / SAMPLE_RATE)
     edge = SAMPLE_RATE // 100  # 10 ms: the filter's start-up and tail
-    np.testing.assert_allclose(y[edge:-edge], expected[edge:-edge], rtol=0, atol=2e-3)
+    np.testing.assert_allclose(one_shot[edge:-edge], expected[edge:-edge], rtol=0, atol=2e-3)
 
 
-def test_resample_identity_at_target_rate() -> None:
-    x = signal(SAMPLE_RATE)[:, 0]
-    np.testing.assert_array_equal(resample(x, SAMPLE_RATE), x)
+def test_decoding_in_blocks_gives_the_whole_signal() -> None:
+    """A clip longer than a block, streamed from a FLAC and an MP3: the blocks concatenate to a one-shot read."""
+    written = signal(44_100, seconds=4.0, channels=2)
+    for fmt in ("flac", "mp3"):
+        data = encode(FORMATS[fmt], written, 44_100)
+        reader, blocks = decode_blocks(io.BytesIO(data), f"x.{FORMATS[fmt].ext}")
+        pieces = list(blocks)
+        assert len(pieces) > 1 and all(p.shape[1] <= BLOCK_FRAMES * 2 for p in pieces)
+        whole = np.concatenate(pieces, axis=1)
+        np.testing.assert_array_equal(whole, decode_audio(data, f"x.{FORMATS[fmt].ext}")[0])
+        if fmt == "flac":
+            np.testing.assert_allclose(whole, written.T, atol=FORMATS[fmt].atol)
+
+
+class _FailingFS:
+    """An fsspec-like filesystem over bytes whose ranged reads fail permanently after ``ok`` reads."""
+
+    def __init__(self, data: bytes, ok: int, error: Exception):
+        self.data, self.ok, self.error = data, ok, error
+
+    def cat_file(self, path: str, start: int, end: int) -> bytes:
+        if self.ok == 0:
+            raise self.error
+        self.ok -= 1
+        return self.data[start:end]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # libsndfile's callback sees it too
+def test_a_failed_read_is_never_taken_for_the_end_of_the_audio() -> None:
+    """libsndfile swallows exceptions raised in its read callback and would see a short file: the error resurfaces."""
+    set_policy(RetryPolicy(outage_s=0.2, base_s=0.01))
+    try:
+        data = encode(FORMATS["wav_pcm16"], signal(16_000, seconds=3.0), 16_000)
+        fs = _FailingFS(data, ok=3, error=ConnectionResetError("connection reset by peer"))
+        f = io.BufferedReader(RetryingFile(fs, "x.wav", len(data), "read x.wav"), buffer_size=4096)
+        with pytest.raises(OSError, match="still failing after"):
+            reader, blocks = decode_blocks(f, "x.wav")
+            list(blocks)
+    finally:
+        set_policy(RetryPolicy())
 
 
 def test_prepare_clip_to_mono_24k() -> None:
@@ -117,7 +173,7 @@ def test_prepare_clip_to_mono_24k() -> None:
     assert (clip.clip_id, clip.source_uri, clip.metadata) == ("a/b.flac", "file:///data/a/b.flac", {"k": 1})
     assert (clip.orig_sample_rate, clip.orig_channels) == (44_100, 2)
     assert clip.audio.dtype == np.float32 and len(clip.audio) == SAMPLE_RATE
-    np.testing.assert_allclose(clip.audio, resample(written.mean(axis=1), 44_100), atol=1e-4)
+    np.testing.assert_allclose(clip.audio, soxr.resample(written.mean(axis=1), 44_100, SAMPLE_RATE), atol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,7 @@ def test_demo_writes_a_complete_output_labelled_untrained(demo_run):
     assert demo_run["code"] == 0
     final = manifest.read_manifest(str(demo_run["out"]))
     assert final["status"] == "complete" and final["totals"]["clips"] == N_CLIPS
-    assert final["totals"]["failed_clips"] == 0 and final["totals"]["shards"] == 2
+    assert final["totals"]["failed_clips"] == 0 and final["totals"]["shards"] >= 2
     assert final["model"]["untrained"] is True and "UNTRAINED" in final["model"]["note"]
     assert json.loads((demo_run["out"] / manifest.RUN_PATH).read_text())["model"]["untrained"] is True
     rows = sum(pq.read_metadata(f).num_rows for f in (demo_run["out"] / "data").glob("*.parquet"))
@@ -61,7 +61,8 @@ def test_demo_writes_a_complete_output_labelled_untrained(demo_run):
     assert {"speaker", "text", "format"} <= set(table.column_names)
 
     text = demo_run["stdout"]
-    assert "status: complete — 2/2 shards done" in text and "UNTRAINED" in text
+    n = final["totals"]["shards"]
+    assert f"status: complete — {n}/{n} shards done" in text and "UNTRAINED" in text
     # every printed next command is a valid command line of this CLI
     commands = [line.strip() for line in text.splitlines() if line.strip().startswith("mimi-tokenize ")]
     assert any(c.startswith("mimi-tokenize decode ") for c in commands)
@@ -93,7 +94,7 @@ def test_decode_unknown_id_and_other_weights(demo_run, tmp_path, capsys):
     out = str(demo_run["out"])
     assert main(["decode", out, "--id", "spk9/nope", str(tmp_path / "x.wav")]) == 2
     err = capsys.readouterr().err
-    assert "no clip with id 'spk9/nope'" in err and f"{N_CLIPS} clips" in err and "spk0/utt000" in err
+    assert "no clip with id 'spk9/nope'" in err and f"{N_CLIPS} clips" in err and "ids look like ['spk" in err
     other = str(mimi.write_random_checkpoint(tmp_path / "other.safetensors", mimi.MimiConfig.tiny(), seed=7))
     assert main(["decode", out, "--id", "spk0/utt000", str(tmp_path / "x.wav"), "--model", other]) == 2
     assert "not the one that made the codes" in capsys.readouterr().err

@@ -232,13 +232,14 @@ def test_run_as_a_job_then_resume(cluster, corpus, tiny_model_path, tmp_path_fac
                   f"--num-codebooks {NUM_CODEBOOKS} --files-per-shard {FILES_PER_SHARD} --ray-address auto")
     first = client.submit_job(entrypoint=entrypoint, submission_id=f"mimi-run-{uuid.uuid4().hex[:8]}")
     logs = wait_job(client, first)
-    assert "3 shard(s), 0 already done, 3 to encode" in logs
+    n = len(discover_shards(str(corpus), files_per_shard=FILES_PER_SHARD))
+    assert f"{n} shard(s), 0 already done, {n} to encode" in logs
     assert "Connecting to existing Ray cluster" in logs  # joined the job's cluster, did not start its own
 
     final = manifest.read_manifest(str(out))
     assert final["status"] == "complete"
     assert (final["totals"]["shards"], final["totals"]["shards_done"], final["totals"]["clips"],
-            final["totals"]["failed_clips"]) == (3, 3, 5, 0)
+            final["totals"]["failed_clips"]) == (n, n, 5, 0)
     rows = read_rows(out)
     ref = reference_codes(corpus, tiny_model_path)
     assert sorted(rows) == sorted(ref) and len(rows) == 5
@@ -248,7 +249,7 @@ def test_run_as_a_job_then_resume(cluster, corpus, tiny_model_path, tmp_path_fac
     before = output_files(out)
     second = client.submit_job(entrypoint=entrypoint, submission_id=f"mimi-run-{uuid.uuid4().hex[:8]}")
     resumed_logs = wait_job(client, second)
-    assert "3 shard(s), 3 already done, 0 to encode" in resumed_logs
+    assert f"{n} shard(s), {n} already done, 0 to encode" in resumed_logs
     assert output_files(out) == before  # same manifest, same Parquet files, nothing added
     assert read_rows(out).keys() == rows.keys()
 

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline import manifest as mf
 from pipeline import storage
-from pipeline.types import Clip, ClipFailure, Shard
+from pipeline.types import ClipFailure, ClipInfo, EncodedClip, Member, Shard
 from pipeline.writer import SCHEMA_VERSION, write_shard
 
 MODEL = {"source": "kyutai/mimi", "revision": "main", "sha256": "ab" * 32}
@@ -20,17 +20,17 @@ T0 = 1_700_000_000.0
 
 def _write_shard(root: str, shard: Shard, n_clips: int, frames: int, failures: list[ClipFailure], *,
                  finished: float, so=None) -> dict:
-    clips = [Clip(f"{shard.shard_id}-{i}", f"{shard.uri}/{i}.wav", np.zeros(frames * 1920, np.float32), 16_000, 1)
-             for i in range(n_clips)]
-    codes = [np.ones((8, frames), np.int64) for _ in clips]
-    result = write_shard(storage.join(root, mf.shard_file(shard.shard_id)), clips, codes, num_codebooks=8,
+    rows = [EncodedClip(ClipInfo(i, f"{shard.shard_id}-{i}", f"{shard.uri}/{i}.wav", 16_000, 1),
+                        np.ones((8, frames), np.int64), frames * 1920) for i in range(n_clips)]
+    result = write_shard(storage.join(root, mf.shard_file(shard.shard_id)), rows, num_codebooks=8,
                          file_metadata={}, storage_options=so)
     return mf.write_done_record(root, shard, result, failures, started=finished - 10, finished=finished,
                                 attempt=1, storage_options=so)
 
 
 def _shards(n: int) -> list[Shard]:
-    return [Shard(f"shard-{i:05d}", "files", f"/in/{i}", members=(f"/in/{i}/a.wav",)) for i in range(n)]
+    return [Shard(f"shard-{i:05d}", "files", f"/in/{i}", f"/in/{i}", f"digest-{i}",
+                  members=(Member("a.wav", f"/in/{i}/a.wav"),)) for i in range(n)]
 
 
 def _failure(cls: str) -> ClipFailure:
@@ -43,7 +43,8 @@ def test_done_record_layout(tmp_path):
     record = _write_shard(root, shard, 3, 25, [_failure("DecodeError")], finished=T0)
     on_disk = storage.read_json(storage.join(root, "_state/shards/shard-00000.json"))
     assert on_disk == record
-    assert record["shard"] == {"shard_id": "shard-00000", "kind": "files", "uri": "/in/0", "rows": None}
+    assert record["shard"] == {"shard_id": "shard-00000", "kind": "files", "uri": "/in/0", "digest": "digest-0"}
+    assert (record["status"], record["carried"], record["schema"]["columns"]) == ("done", 0, [])
     assert record["file"] == "data/shard-00000.parquet"
     assert os.path.getsize(tmp_path / "data" / "shard-00000.parquet") == record["bytes"]
     assert (record["rows"], record["frames"], record["clips"], record["failed"]) == (3, 75, 4, 1)
@@ -111,7 +112,7 @@ def test_manifest_totals_status_and_speed(tmp_path):
     m_now = m["timing"]["updated"]
     assert m["status"] == "running"
     assert m["totals"] == {
-        "shards": 4, "shards_done": 3, "clips": 6, "failed_clips": 3,
+        "shards": 4, "shards_done": 3, "retained_files": 0, "clips": 6, "kept_clips": 0, "failed_clips": 3,
         "failed_by_class": {"DecodeError": 2, "EncodeError": 1},
         "hours": pytest.approx((2 * 2 + 3 * 4 + 8) / 3600),
         "frames": 2 * 25 + 3 * 50 + 100, "tokens": (2 * 25 + 3 * 50 + 100) * 8,

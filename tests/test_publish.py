@@ -36,7 +36,8 @@ STORAGE_SECRET = "storageSECRET-abc987"
 
 @pytest.fixture(scope="module")
 def output(tmp_path_factory, tiny_model_path) -> Path:
-    """A finished run: 5 good clips in 3 shards, 1 corrupt file (failure share 1/6), a token in storage_options."""
+    """A finished run: 5 good clips in several shards, 1 corrupt file (failure share 1/6), a token in
+    storage_options."""
     root = tmp_path_factory.mktemp("publish")
     corpus = root / "corpus"
     specs = [("wav_pcm16", 16_000, 0.3, 1), ("flac", 44_100, 1.1, 2), ("wav_float", 24_000, 2.5, 1),
@@ -49,7 +50,16 @@ def output(tmp_path_factory, tiny_model_path) -> Path:
     cfg = RunConfig(input=str(corpus), output=str(root / "out"), model=str(model), num_codebooks=K, files_per_shard=2,
                     device="cpu", max_failure_share=0.5, storage_options={"token": STORAGE_SECRET})
     assert run(cfg) == 0
+    assert n_shards(root / "out") >= 3
     return root / "out"
+
+
+def n_shards(out: Path) -> int:
+    return len(json.loads((out / "manifest.json").read_text())["shards"])
+
+
+def staged_names(n: int) -> list[str]:
+    return [f"data/train-{i:05d}-of-{n:05d}.parquet" for i in range(n)]
 
 
 @pytest.fixture
@@ -145,13 +155,13 @@ def test_staged_dataset_loads_as_the_card_says(output, tmp_path, hub, capsys):
     printed = capsys.readouterr().out
     assert not hub.calls, "a dry run must not touch the Hub"
     names = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
-    assert names == ["README.md"] + [f"data/train-{i:05d}-of-00003.parquet" for i in range(3)]
+    assert names == ["README.md"] + staged_names(n_shards(output))
     assert str(staging) in printed and all(name in printed for name in names) and "total:" in printed
 
     # data files: the run's shard files in shard order, byte for byte
     current = manifest.read_manifest(str(output))
     for i, entry in enumerate(current["shards"]):
-        staged = staging / f"data/train-{i:05d}-of-00003.parquet"
+        staged = staging / staged_names(len(current["shards"]))[i]
         assert staged.read_bytes() == (output / entry["file"]).read_bytes()
 
     # the card's YAML
@@ -270,13 +280,14 @@ def test_incomplete_run_refused(out_copy, hub, tmp_path, capsys):
     (out_copy / "_state/shards" / f"{last}.json").unlink()
     assert main(["publish", str(out_copy), "--repo", REPO]) == 2
     err = capsys.readouterr().err
-    assert "incomplete (2 of 3 shards done)" in err and "--force" in err
+    n = n_shards(out_copy)
+    assert f"incomplete ({n - 1} of {n} shards done)" in err and "--force" in err
     assert not hub.calls
     # --force publishes the done shards, and the card says so
     staging = tmp_path / "staging"
     assert main(["publish", str(out_copy), "--repo", REPO, "--force", "--dry-run", "--staging", str(staging)]) == 0
-    assert sorted(p.name for p in (staging / "data").iterdir()) == [f"train-{i:05d}-of-00002.parquet" for i in range(2)]
-    assert "Partial dataset: 2 of 3 shards" in (staging / "README.md").read_text()
+    assert sorted(f"data/{p.name}" for p in (staging / "data").iterdir()) == staged_names(n - 1)
+    assert f"Partial dataset: {n - 1} of {n} shards" in (staging / "README.md").read_text()
 
 
 def test_missing_done_record_refused_even_with_force(out_copy, hub, capsys):
@@ -293,7 +304,7 @@ def test_failures_over_threshold_refused_unless_force(out_copy, hub, tmp_path, c
     assert "16.67% of the clips failed" in err and "DecodeError 1" in err and "max_failure_share 10.00%" in err
     assert not hub.calls
     assert main(["publish", str(out_copy), "--repo", REPO, "--force"]) == 0
-    assert set(hub.files) >= {"README.md", "data/train-00000-of-00003.parquet"}
+    assert set(hub.files) >= {"README.md", *staged_names(n_shards(out_copy))}
 
 
 def test_no_token_refused(output, monkeypatch, capsys):
@@ -327,33 +338,33 @@ def test_publish_uploads_once_and_resumes(output, hub, tmp_path, capsys, caplog)
                                                               ["README.md"]]
     assert all(u["repo_type"] == "dataset" and u["repo_id"] == REPO and u["folder_path"] == str(staging)
                for u in uploads)
-    assert "uploaded 4 of 4 file(s)" in capsys.readouterr().out
+    n = n_shards(output)
+    names = staged_names(n)
+    assert f"uploaded {n + 1} of {n + 1} file(s)" in capsys.readouterr().out
 
     # publishing again uploads nothing
     hub.calls.clear()
     assert main(args) == 0
-    assert not hub.uploads() and "uploaded 0 of 4 file(s)" in capsys.readouterr().out
+    assert not hub.uploads() and f"uploaded 0 of {n + 1} file(s)" in capsys.readouterr().out
 
     # an interrupted publish (remote has the first data file only, and a stale card): one commit per file, the
     # second commit fails; the rerun uploads exactly what is still missing or different
-    hub.files = {".gitattributes": hub.files[".gitattributes"], "data/train-00000-of-00003.parquet":
-                 staged["data/train-00000-of-00003.parquet"], "README.md": b"old card\n",
+    hub.files = {".gitattributes": hub.files[".gitattributes"], names[0]: staged[names[0]], "README.md": b"old card\n",
                  "data/train-00000-of-00001.parquet": b"stale data of an earlier publish"}
     hub.calls.clear()
     hub.fail_on_upload = 2
     with pytest.raises(publish.PublishError, match="failed after 1 commit.*run the same command again"):
         publish.publish(str(output), REPO, staging=staging, commit_max_files=1)
-    assert [u["allow_patterns"] for u in hub.uploads()] == [["data/train-00001-of-00003.parquet"],
-                                                            ["data/train-00002-of-00003.parquet"]]
-    assert "data/train-00001-of-00003.parquet" in hub.files and "data/train-00002-of-00003.parquet" not in hub.files
+    assert [u["allow_patterns"] for u in hub.uploads()] == [[names[1]], [names[2]]]
+    assert names[1] in hub.files and names[2] not in hub.files
 
     hub.calls.clear()
     hub.fail_on_upload = None
     result = publish.publish(str(output), REPO, staging=staging, commit_max_files=1)
     uploads = hub.uploads()
-    assert [u["allow_patterns"] for u in uploads] == [["data/train-00002-of-00003.parquet"], ["README.md"]]
+    assert [u["allow_patterns"] for u in uploads] == [[name] for name in names[2:]] + [["README.md"]]
     assert uploads[-1]["delete_patterns"] == ["data/train-00000-of-00001.parquet"]  # stale data removed
-    assert result.uploaded == ["data/train-00002-of-00003.parquet", "README.md"]
+    assert result.uploaded == [*names[2:], "README.md"]
     assert {p: d for p, d in hub.files.items() if p != ".gitattributes"} == staged
 
     # the Hub token and the storage secret appear nowhere: output, logs, card
@@ -381,7 +392,7 @@ def test_remote_output_staged_through_fsspec_and_verified(output, tmp_path):
     result = publish.publish(remote, REPO, dry_run=True, staging=staging)
     current = manifest.read_manifest(str(output))
     for i, entry in enumerate(current["shards"]):
-        staged = staging / f"data/train-{i:05d}-of-00003.parquet"
+        staged = staging / staged_names(len(current["shards"]))[i]
         assert staged.read_bytes() == (output / entry["file"]).read_bytes() and staged.stat().st_nlink == 1
     assert [f.path for f in result.files][-1] == "README.md"
 

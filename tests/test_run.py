@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -25,7 +26,7 @@ from pipeline import manifest
 from pipeline.cli import main
 from pipeline.config import RunConfig
 from pipeline.prepare import prepare_shard
-from pipeline.runner import EncoderPool, load_model_files, run
+from pipeline.runner import run
 from pipeline.sources import discover_shards
 from pipeline.storage import RunLock
 from pipeline.writer import read_codes
@@ -89,12 +90,16 @@ def test_end_to_end(corpus, tiny_model_path, tmp_path, caplog, capsys):
     out = str(tmp_path / "out")
     cfg = RunConfig(input=str(corpus), output=out, model=tiny_model_path, num_codebooks=8, files_per_shard=3,
                     batch_max_seconds=3.0, max_failure_share=0.5, progress_interval_s=0.5)
-    with caplog.at_level(logging.INFO, logger="pipeline.runner"):
+    with caplog.at_level(logging.INFO, logger="pipeline"):
         assert run(cfg) == 0
-    assert "2 encoder(s)" in caplog.text  # one per (logical) GPU
+    # one encoder per (logical) GPU, each in its own process with its own GPU id
+    ups = re.findall(r"encoder \d+ up: (\w+) \(GPU ids \['(\d)'\]\)", caplog.text)
+    assert sorted(gpu for _, gpu in ups) == ["0", "1"]
+    assert {device for device, _ in ups} == {"cuda" if torch.cuda.is_available() else "cpu"}
 
     final = manifest.read_manifest(out)
-    assert final["status"] == "complete" and final["totals"]["shards"] == 4
+    assert final["status"] == "complete" and final["totals"]["shards"] == len(discover_shards(str(corpus),
+                                                                                             files_per_shard=3))
     assert (final["totals"]["clips"], final["totals"]["failed_clips"]) == (9, 2)
     failures = [f for s in manifest.load_done(out).values() for f in s["failures"]]
     assert sorted((f["clip_id"], f["stage"], f["error_class"]) for f in failures) == [
@@ -130,7 +135,8 @@ def test_end_to_end(corpus, tiny_model_path, tmp_path, caplog, capsys):
 
     # status shows the output
     assert main(["status", out]) == 0
-    assert "status: complete — 4/4 shards done" in capsys.readouterr().out
+    assert f"status: complete — {final['totals']['shards']}/{final['totals']['shards']} shards done" in \
+        capsys.readouterr().out
 
 
 @pytest.mark.parametrize("kind", ["webdataset", "parquet"])
@@ -186,17 +192,6 @@ def test_expected_errors_are_one_line(tmp_path, tiny_model_path, capsys):
     assert len(err) == 2 and "input not found" in err[0] and "neither a local file" in err[1]
 
 
-def test_one_encoder_actor_per_gpu(tiny_model_path, tmp_path):
-    cfg = RunConfig(input="-", output=str(tmp_path), model=tiny_model_path)
-    pool = EncoderPool(cfg, ray.put(load_model_files(cfg)), 2)
-    try:
-        assert sorted(tuple(i["gpu_ids"]) for i in pool.infos) == [("0",), ("1",)]
-        assert {i["device"] for i in pool.infos} == {"cuda" if torch.cuda.is_available() else "cpu"}
-        assert len({i["pid"] for i in pool.infos}) == 2
-    finally:
-        pool.shutdown()
-
-
 def test_s3_input_and_output(corpus, tiny_model_path, s3_server, s3_url):
     import s3fs
 
@@ -213,9 +208,25 @@ def test_s3_input_and_output(corpus, tiny_model_path, s3_server, s3_url):
     assert "testing" not in json.dumps(final["config"]["storage_options"])
 
 
+def own_processes() -> set[int]:
+    """Pids of this test process's descendants: the Ray cluster it started, and that cluster's workers only."""
+    parents = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parents[int(pid)] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    ours, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier and pid not in ours}
+        ours |= frontier
+    return ours
+
+
 class Killer(threading.Thread):
-    """Kills (SIGSEGV) the Ray worker processes whose title starts with a prefix, up to a number of times each:
-    real worker deaths, chosen by the task names the runner gives (``decode:{shard}``, ``prepare_clip:{clip}``)."""
+    """Kills (SIGSEGV) this test's own Ray worker processes whose title starts with a prefix, up to a number of times
+    each: real worker deaths, chosen by the task names the runner gives (``decode:{shard}``, ``decode:{shard}#{i}``).
+    Processes of any other Ray cluster on the machine are never touched."""
 
     def __init__(self, budgets: dict[str, int]):
         super().__init__(daemon=True)
@@ -223,14 +234,14 @@ class Killer(threading.Thread):
 
     def run(self) -> None:
         while not self.done.is_set():
-            for pid in filter(str.isdigit, os.listdir("/proc")):
+            for pid in own_processes():
                 try:
                     title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
                 except OSError:
                     continue
                 for prefix, left in self.budgets.items():
                     if left and title.startswith(prefix) and (prefix, pid) not in self.kills:
-                        os.kill(int(pid), signal.SIGSEGV)
+                        os.kill(pid, signal.SIGSEGV)
                         self.budgets[prefix] -= 1
                         self.kills.append((prefix, pid))
             time.sleep(0.003)
@@ -242,8 +253,11 @@ def test_worker_deaths_are_retried_and_isolated(tiny_model_path, tmp_path):
         write_audio(root / f"a{i}.wav", "wav_pcm16", 16_000, seconds, seed=i)
     write_audio(root / "b_bad.flac", "flac", 48_000, 120.0)  # killed whenever it is decoded
     write_audio(root / "c0.wav", "wav_pcm16", 24_000, 3.0, seed=9)
-    # shards: files-00000 [a0, a1], files-00001 [a2, b_bad], files-00002 [c0]
-    killer = Killer({"ray::decode:files-00001": 2, "ray::prepare_clip:b_bad.flac": 2, "ray::ShardEncoder.process": 1})
+    shards = discover_shards(str(root), files_per_shard=2)
+    [bad_shard] = [s for s in shards if "b_bad.flac" in [m.key for m in s.members]]
+    bad_index = [m.key for m in bad_shard.members].index("b_bad.flac")
+    killer = Killer({f"ray::decode:{bad_shard.shard_id}": 2, f"ray::decode:{bad_shard.shard_id}#{bad_index}": 2,
+                     "ray::ShardEncoder": 1})
     killer.start()
     cfg = RunConfig(input=str(root), output=str(tmp_path / "out"), model=tiny_model_path, files_per_shard=2,
                     shard_retries=1, max_failure_share=0.5)
@@ -255,10 +269,10 @@ def test_worker_deaths_are_retried_and_isolated(tiny_model_path, tmp_path):
     assert sorted({p for p, _ in killer.kills}) == sorted(killer.budgets) and not any(killer.budgets.values())
     assert code == 0
     done = manifest.load_done(cfg.output)
-    assert sorted(done) == ["files-00000", "files-00001", "files-00002"]
-    [failure] = done["files-00001"]["failures"]
+    assert sorted(done) == sorted(s.shard_id for s in shards)
+    [failure] = done[bad_shard.shard_id]["failures"]
     assert (failure["clip_id"], failure["stage"]) == ("b_bad.flac", "crash")
-    assert sorted(r["attempt"] for r in done.values()) == [1, 1, 2]  # the shard whose encoder died was redone
+    assert all(r["attempt"] == 1 for r in done.values())  # a lost encoder charges no attempt
     ref = reference_codes(str(root), tiny_model_path, 8, 2)
     del ref["b_bad.flac"]
     assert_codes_equal(read_output(cfg.output), ref)

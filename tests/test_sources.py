@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import sharding
 from pipeline.prepare import prepare_shard
 from pipeline.sources import discover_shards, iter_clips
 from pipeline.types import SAMPLE_RATE, ClipFailure, ClipSource, Shard
@@ -75,10 +76,14 @@ def test_discover_folder_groups_sorted_files(audio_folder: Path) -> None:
     shards = discover_shards(str(audio_folder), files_per_shard=3)
     root_uri = f"file://{audio_folder}"
     expected = sorted(FOLDER_FILES)
-    assert [s.shard_id for s in shards] == ["files-00000", "files-00001", "files-00002"]
+    assert [s.shard_id for s in shards] == [sharding.shard_id("files", s.members[0].key) for s in shards]
     assert all(s.kind == "files" and s.uri == s.root == root_uri for s in shards)
-    assert [m for s in shards for m in s.members] == [f"{root_uri}/{rel}" for rel in expected]
-    assert [len(s.members) for s in shards] == [3, 3, 1]
+    assert [m.uri for s in shards for m in s.members] == [f"{root_uri}/{rel}" for rel in expected]
+    assert [m.key for s in shards for m in s.members] == expected
+    assert all(1 <= len(s.members) <= 3 for s in shards)
+    sizes = {rel: (audio_folder / rel).stat().st_size for rel in expected}
+    assert all(m.size == sizes[m.key] and m.version for s in shards for m in s.members)
+    assert len({s.digest for s in shards}) == len(shards)
     assert discover_shards(f"file://{audio_folder}/", files_per_shard=3) == shards  # deterministic, any spelling
 
 
@@ -87,7 +92,7 @@ def test_folder_clips_are_relative_paths_with_the_file_bytes(audio_folder: Path)
     assert _summary(items) == [(rel, "ok") for rel in sorted(FOLDER_FILES)]
     for item in items:
         assert item.source_uri == f"file://{audio_folder}/{item.clip_id}"
-        assert item.data == (audio_folder / item.clip_id).read_bytes()
+        assert item.open().read() == (audio_folder / item.clip_id).read_bytes()
         assert item.metadata == {}
 
 
@@ -109,7 +114,8 @@ def test_glob_and_single_file_inputs(audio_folder: Path) -> None:
     assert shard.uri == f"file://{audio_folder}/b"
     assert [c.clip_id for c in iter_clips(shard)] == ["c/z.ogg", "x.mp3", "y.flac"]
     (single,) = discover_shards(f"{audio_folder}/b/y.flac")
-    assert (single.uri, single.members) == (f"file://{audio_folder}/b", (f"file://{audio_folder}/b/y.flac",))
+    assert (single.uri, [m.uri for m in single.members]) == (f"file://{audio_folder}/b",
+                                                              [f"file://{audio_folder}/b/y.flac"])
     assert _summary(list(iter_clips(single))) == [("y.flac", "ok")]
 
 
@@ -141,9 +147,12 @@ def test_unreadable_files_are_recorded_and_iteration_goes_on(tmp_path: Path) -> 
         ({"a.wav": b"x", "b.tar": b"x"}, ValueError, "mixed input kinds .*files: 1, webdataset: 1"),
         ({"a.jsonl": b"{}", "b.csv": b"x"}, ValueError, "2 manifests found"),
         ({"m.jsonl": b""}, ValueError, "has no rows"),
-        ({"m.jsonl": b'{"text": "no uri"}\n'}, ValueError, "none of the URI columns"),
+        ({"m.jsonl": b'{"text": "no uri"}\n'}, ValueError, "no row has any of the URI columns"),
+        ({"m.jsonl": b'{"id": "a", "uri": "x.wav"}\n{"id": "a", "uri": "y.wav"}\n'}, ValueError,
+         "1 clip id\\(s\\) appear more than once .*'a'"),
     ],
-    ids=["empty-folder", "no-known-files", "mixed", "two-manifests", "empty-manifest", "no-uri-column"],
+    ids=["empty-folder", "no-known-files", "mixed", "two-manifests", "empty-manifest", "no-uri-column",
+         "duplicate-ids"],
 )
 def test_discovery_errors(tmp_path: Path, layout: dict[str, bytes], error: type, message: str) -> None:
     for name, data in layout.items():
@@ -178,7 +187,7 @@ def wds_folder(tmp_path: Path) -> Path:
 
 def test_discover_webdataset(wds_folder: Path) -> None:
     shards = discover_shards(str(wds_folder))
-    assert [(s.shard_id, s.kind, s.uri, s.root) for s in shards] == [
+    assert [(s.shard_id, s.kind, s.uri, s.root) for s in shards] == [  # one shard per tar, named after it
         ("wds-part-000", "webdataset", f"file://{wds_folder}/part-000.tar", f"file://{wds_folder}"),
         ("wds-sub__part-000", "webdataset", f"file://{wds_folder}/sub/part-000.tar", f"file://{wds_folder}"),
     ]
@@ -194,7 +203,7 @@ def test_webdataset_clips_keys_and_sidecars(wds_folder: Path) -> None:
     ]
     s0, s1, s2, _, s4, _ = items
     assert s0.metadata == {"speaker": "a", "n": 3, "text": "hello", "cls": "7"}
-    assert s0.data == WDS_SAMPLES[0][1]["flac"]
+    assert s0.open().read() == WDS_SAMPLES[0][1]["flac"]
     assert s0.source_uri == f"{shard.uri}#s0.flac"
     assert s1.metadata == {"text": "héllo"} and s1.source_uri == f"{shard.uri}#dir/s1.wav"
     assert "no audio member" in s2.message and s2.source_uri == f"{shard.uri}#s2"
@@ -240,7 +249,7 @@ def test_hub_parquet_with_unique_audio_paths(tmp_path: Path) -> None:
     ]
     assert items[0].data == audio[0]["bytes"] and items[0].source_uri == f"{shard.uri}#0"
     assert items[0].metadata == {"text": "t0", "speaker_id": 1, "tags": ["a"]}
-    assert items[2].data == (tmp_path / "data" / "ref.wav").read_bytes()
+    assert items[2].open().read() == (tmp_path / "data" / "ref.wav").read_bytes()
     assert items[2].source_uri == f"file://{tmp_path}/data/ref.wav"
     assert items[2].metadata == {"text": "t2", "speaker_id": 3, "tags": ["b", "c"]}
     assert items[4].metadata["tags"] is None
@@ -285,34 +294,35 @@ def test_jsonl_manifest(clip_files: Path) -> None:
     write_jsonl(clip_files / "manifest.jsonl", rows)
     shards = discover_shards(str(clip_files / "manifest.jsonl"), files_per_shard=2)
     uri, root = f"file://{clip_files}/manifest.jsonl", f"file://{clip_files}"
-    assert shards == [
-        Shard("manifest-00000", "manifest", uri, rows=(0, 2), root=root),
-        Shard("manifest-00001", "manifest", uri, rows=(2, 4), root=root),
-        Shard("manifest-00002", "manifest", uri, rows=(4, 5), root=root),
-    ]
+    assert all(s.kind == "manifest" and (s.uri, s.root) == (uri, root) and len(s.members) <= 2 for s in shards)
+    assert [m.key for s in shards for m in s.members] == ["abs", "clips/b.flac", "gone", "no-uri", "utt1"]  # by id
+    (clip_files / "manifest.jsonl").unlink()  # shards carry their rows: the manifest is never read again
     items = _all_items(shards)
     assert _summary(items) == [
-        ("utt1", "ok"), ("clips/b.flac", "ok"), ("gone", "read"), ("abs", "ok"), ("no-uri", "read"),
+        ("abs", "ok"), ("clips/b.flac", "ok"), ("gone", "read"), ("no-uri", "read"), ("utt1", "ok"),
     ]
-    utt1, b, gone, abs_, no_uri = items
+    abs_, b, gone, no_uri, utt1 = items
     assert utt1.source_uri == f"file://{clip_files}/clips/a.wav"
-    assert utt1.data == (clip_files / "clips" / "a.wav").read_bytes()
+    assert utt1.open().read() == (clip_files / "clips" / "a.wav").read_bytes()
     assert utt1.metadata == {"text": "hi", "speaker": 3}
     assert b.metadata == {"text": "yo", "extra": {"x": [1, 2]}}
     assert gone.source_uri == f"file://{clip_files}/clips/missing.wav"
-    assert abs_.data == (clip_files / "elsewhere.wav").read_bytes()
+    assert abs_.open().read() == (clip_files / "elsewhere.wav").read_bytes()
     assert no_uri.source_uri == f"{uri}#4"
 
 
 def test_files_are_grouped_by_count_and_by_bytes(tmp_path: Path) -> None:
-    sizes = [300, 300, 300, 900, 100, 100, 100, 100]
+    sizes = [300, 300, 300, 900, 100, 100, 100, 100, 250, 250, 40]
     for i, n in enumerate(sizes):
-        (tmp_path / f"c{i}.wav").write_bytes(b"x" * n)
-    members = [[u.rsplit("/", 1)[1] for u in s.members]
-               for s in discover_shards(str(tmp_path), files_per_shard=3, max_shard_bytes=700)]
+        (tmp_path / f"c{i:02d}.wav").write_bytes(b"x" * n)
+    shards = discover_shards(str(tmp_path), files_per_shard=3, max_shard_bytes=700)
     # 700 bytes or 3 files at most; a file larger than the cap is a shard of its own
-    assert members == [["c0.wav", "c1.wav"], ["c2.wav"], ["c3.wav"], ["c4.wav", "c5.wav", "c6.wav"], ["c7.wav"]]
-    assert len(discover_shards(str(tmp_path), files_per_shard=3)) == 3  # no byte cap
+    assert [m.key for s in shards for m in s.members] == [f"c{i:02d}.wav" for i in range(len(sizes))]
+    for shard in shards:
+        total = sum(m.size for m in shard.members)
+        assert len(shard.members) <= 3 and (total <= 700 or len(shard.members) == 1)
+    assert [m.key for s in shards for m in s.members if m.size == 900] == ["c03.wav"]
+    assert all(len(s.members) <= 3 for s in discover_shards(str(tmp_path), files_per_shard=3))  # no byte cap
 
 
 def test_csv_manifest(clip_files: Path) -> None:
@@ -322,13 +332,13 @@ def test_csv_manifest(clip_files: Path) -> None:
         {"file": "clips/a.wav", "text": "multi\nline", "n": "1"},
     ])
     (shard,) = discover_shards(f"file://{clip_files}/m.csv")
-    assert shard.rows == (0, 3)
+    assert len(shard.members) == 3
     items = list(iter_clips(shard))
-    assert _summary(items) == [("clips/b.flac", "ok"), ("row-00000001", "read"), ("clips/a.wav", "ok")]
-    assert items[0].metadata == {"text": "two, with comma", "n": "2"}  # CSV values stay strings
-    assert items[2].metadata == {"text": "multi\nline", "n": "1"}
+    assert _summary(items) == [("clips/a.wav", "ok"), ("clips/b.flac", "ok"), ("row-00000001", "read")]
+    assert items[1].metadata == {"text": "two, with comma", "n": "2"}  # CSV values stay strings
+    assert items[0].metadata == {"text": "multi\nline", "n": "1"}
     clips, failures = prepare_shard(shard, channel_policy="channel:0")
-    assert [(c.clip_id, c.orig_channels) for c in clips] == [("clips/b.flac", 2), ("clips/a.wav", 1)]
+    assert [(c.clip_id, c.orig_channels) for c in clips] == [("clips/a.wav", 1), ("clips/b.flac", 2)]
     assert [f.clip_id for f in failures] == ["row-00000001"]
 
 
@@ -342,7 +352,7 @@ def test_memory_filesystem() -> None:
     try:
         (shard,) = discover_shards(base)
         assert shard.uri == base.replace("memory://", "memory:///")
-        assert shard.members == (f"{shard.uri}/b.wav", f"{shard.uri}/s/a.wav")
+        assert [m.uri for m in shard.members] == [f"{shard.uri}/b.wav", f"{shard.uri}/s/a.wav"]
         clips, failures = prepare_shard(shard)
         assert failures == [] and [c.clip_id for c in clips] == ["b.wav", "s/a.wav"]
         assert all(len(c.audio) == round(0.3 * SAMPLE_RATE) for c in clips)

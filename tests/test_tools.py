@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 import torch
 
 import mimi
@@ -17,9 +18,10 @@ from audio_fixtures import corrupt_bytes, write_audio
 from mimi.checkpoint import sha256_file
 from pipeline.cli import main
 from pipeline.decode import decode_audio
-from pipeline.resample import resample, to_mono
+from pipeline.resample import parse_channel_policy, to_mono
 from pipeline.sample_corpus import FORMATS, LONG_SECONDS, make_sample_corpus
 from pipeline.sources import discover_shards, iter_clips
+from pipeline.types import SAMPLE_RATE
 from pipeline.tools import NPZ_KEYS, is_untrained, mark_untrained
 
 
@@ -36,7 +38,8 @@ def model(ckpt):
 def pipeline_audio(path: Path, policy: str = "mix") -> np.ndarray:
     """The file as the pipeline prepares it: decoded, mono, 24 kHz."""
     samples, sr = decode_audio(path.read_bytes(), path.name)
-    return resample(to_mono(samples, policy), sr)
+    mono = to_mono(samples, parse_channel_policy(policy, samples.shape[0]))
+    return mono if sr == SAMPLE_RATE else soxr.resample(mono, sr, SAMPLE_RATE, quality="HQ")
 
 
 def test_encode_decode_round_trip(tmp_path, ckpt, model, capsys):

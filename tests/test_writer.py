@@ -12,20 +12,26 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage
-from pipeline.types import SAMPLE_RATE, Clip
+from pipeline.types import SAMPLE_RATE, ClipInfo, EncodedClip
 from pipeline.writer import SCHEMA_VERSION, codes_type, read_codes, write_shard
 
 FILE_METADATA = {"model_source": "kyutai/mimi", "weights_sha256": "ab" * 32, "frame_rate": "12.5"}
 
 
-def make_clips(num_codebooks: int, frames: list[int], seed: int = 0) -> tuple[list[Clip], list[np.ndarray]]:
+def make_clips(num_codebooks: int, frames: list[int], seed: int = 0) -> tuple[list[EncodedClip], list[np.ndarray]]:
+    """Rows of random codes (and the codes, [K, F] each), clip i being f * 1920 samples long."""
     rng = np.random.default_rng(seed)
-    clips, codes = [], []
+    rows, codes = [], []
     for i, f in enumerate(frames):
-        clips.append(Clip(f"clip-{i}", f"s3://in/clip-{i}.flac", np.zeros(f * 1920, np.float32),
-                          orig_sample_rate=44_100 if i % 2 else 16_000, orig_channels=1 + i % 2))
         codes.append(rng.integers(0, 2048, size=(num_codebooks, f), dtype=np.int64))
-    return clips, codes
+        info = ClipInfo(i, f"clip-{i}", f"s3://in/clip-{i}.flac", orig_sample_rate=44_100 if i % 2 else 16_000,
+                        orig_channels=1 + i % 2)
+        rows.append(EncodedClip(info, codes[-1], f * 1920))
+    return rows, codes
+
+
+def ids(rows: list[EncodedClip]) -> list[str]:
+    return [r.info.clip_id for r in rows]
 
 
 @pytest.mark.parametrize("num_codebooks", [1, 8, 32])
@@ -35,7 +41,7 @@ def test_round_trip_pyarrow(tmp_path, num_codebooks):
     codes[3][:, 0] = [2047] * num_codebooks  # extremes survive int16
     codes[3][:, 1] = 0
     url = str(tmp_path / "data" / "shard-0.parquet")
-    result = write_shard(url, clips, codes, num_codebooks=num_codebooks, file_metadata=FILE_METADATA)
+    result = write_shard(url, clips, num_codebooks=num_codebooks, file_metadata=FILE_METADATA)
 
     raw = open(url, "rb").read()
     assert (result.rows, result.frames, result.bytes, result.path) == (5, sum(frames), len(raw), url)
@@ -56,12 +62,12 @@ def test_round_trip_pyarrow(tmp_path, num_codebooks):
                             "num_codebooks": str(num_codebooks)}.items()
 
     assert table.num_rows == 5
-    assert table.column("id").to_pylist() == [c.clip_id for c in clips]
-    assert table.column("source_uri").to_pylist() == [c.source_uri for c in clips]
+    assert table.column("id").to_pylist() == ids(clips)
+    assert table.column("source_uri").to_pylist() == [c.info.source_uri for c in clips]
     assert table.column("n_frames").to_pylist() == frames
     assert table.column("duration_s").to_pylist() == [c.duration_s for c in clips]
-    assert table.column("orig_sample_rate").to_pylist() == [c.orig_sample_rate for c in clips]
-    assert table.column("orig_channels").to_pylist() == [c.orig_channels for c in clips]
+    assert table.column("orig_sample_rate").to_pylist() == [c.info.orig_sample_rate for c in clips]
+    assert table.column("orig_channels").to_pylist() == [c.info.orig_channels for c in clips]
     for i, c in enumerate(codes):
         got = read_codes(table, i)
         assert got.dtype == np.int16 and got.shape == (frames[i], num_codebooks)
@@ -72,7 +78,7 @@ def test_round_trip_pyarrow(tmp_path, num_codebooks):
 def test_parquet_file_options(tmp_path):
     clips, codes = make_clips(8, [40] * 10)
     url = str(tmp_path / "s.parquet")
-    write_shard(url, clips, codes, num_codebooks=8, file_metadata={}, row_group_bytes=3 * 40 * 8 * 2)
+    write_shard(url, clips, num_codebooks=8, file_metadata={}, row_group_bytes=3 * 40 * 8 * 2)
     md = pq.ParquetFile(url).metadata
     assert md.num_rows == 10
     assert [md.row_group(i).num_rows for i in range(md.num_row_groups)] == [3, 3, 3, 1]
@@ -84,18 +90,18 @@ def test_parquet_file_options(tmp_path):
     ids = md.row_group(0).column(0)
     assert "RLE_DICTIONARY" in ids.encodings or "PLAIN_DICTIONARY" in ids.encodings
 
-    write_shard(url, clips, codes, num_codebooks=8, file_metadata={})
+    write_shard(url, clips, num_codebooks=8, file_metadata={})
     assert pq.ParquetFile(url).metadata.num_row_groups == 1
 
 
 def test_round_trip_datasets(tmp_path):
     clips, codes = make_clips(8, [12, 0, 30])
     for i, clip in enumerate(clips):
-        clip.metadata = {"speaker": f"spk{i}", "lang": "en"}
+        clip.info.metadata = {"speaker": f"spk{i}", "lang": "en"}
     paths = []
     for s in range(2):
         url = str(tmp_path / "data" / f"shard-{s}.parquet")
-        write_shard(url, clips, codes, num_codebooks=8, file_metadata=FILE_METADATA)
+        write_shard(url, clips, num_codebooks=8, file_metadata=FILE_METADATA)
         paths.append(url)
     ds = datasets.load_dataset("parquet", data_files=paths, split="train", cache_dir=str(tmp_path / "hf"))
     assert ds.num_rows == 6
@@ -109,12 +115,12 @@ def test_round_trip_datasets(tmp_path):
 
 def test_metadata_columns(tmp_path):
     clips, codes = make_clips(2, [3, 3, 3, 3])
-    clips[0].metadata = {"speaker": "a", "tags": {"x": 1, "y": [1, 2]}, "mixed": 1, "id": "dup"}
-    clips[1].metadata = {"score": 0.5, "mixed": "one"}
-    clips[2].metadata = {"speaker": "c", "empty": {}}
-    clips[3].metadata = {}
+    clips[0].info.metadata = {"speaker": "a", "tags": {"x": 1, "y": [1, 2]}, "mixed": 1, "id": "dup"}
+    clips[1].info.metadata = {"score": 0.5, "mixed": "one"}
+    clips[2].info.metadata = {"speaker": "c", "empty": {}}
+    clips[3].info.metadata = {}
     url = str(tmp_path / "s.parquet")
-    write_shard(url, clips, codes, num_codebooks=2, file_metadata={})
+    write_shard(url, clips, num_codebooks=2, file_metadata={})
     table = pq.read_table(url)
     assert table.schema.names[7:] == ["speaker", "tags", "mixed", "meta_id", "score", "empty"]
     assert table.column("speaker").to_pylist() == ["a", None, "c", None]
@@ -128,11 +134,18 @@ def test_metadata_columns(tmp_path):
 
 
 def test_empty_shard(tmp_path):
-    url = str(tmp_path / "s.parquet")
-    result = write_shard(url, [], [], num_codebooks=8, file_metadata={})
+    """A shard whose clips all failed: a file with the schema and no row group, which `datasets` reads past (an empty
+    row group would make `load_dataset` fail on the whole output)."""
+    url = str(tmp_path / "data" / "s0.parquet")
+    result = write_shard(url, [], num_codebooks=8, file_metadata={})
     table = pq.read_table(url)
     assert result.rows == table.num_rows == 0 and result.frames == 0
     assert table.schema.field("codes").type == codes_type(8)
+    assert pq.ParquetFile(url).metadata.num_row_groups == 0
+    write_shard(str(tmp_path / "data" / "s1.parquet"), make_clips(8, [4, 2])[0], num_codebooks=8, file_metadata={})
+    ds = datasets.load_dataset("parquet", data_files=f"{tmp_path}/data/*.parquet", split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    assert ds["id"] == ["clip-0", "clip-1"]
 
 
 @pytest.mark.parametrize("bad", [np.zeros((7, 5), np.int64), np.full((8, 5), 2048), np.full((8, 5), -1),
@@ -140,8 +153,9 @@ def test_empty_shard(tmp_path):
 def test_rejects_bad_codes(tmp_path, bad):
     clips, _ = make_clips(8, [5])
     url = str(tmp_path / "s.parquet")
+    clips[0].codes = bad
     with pytest.raises(ValueError):
-        write_shard(url, clips, [bad], num_codebooks=8, file_metadata={})
+        write_shard(url, clips, num_codebooks=8, file_metadata={})
     assert os.listdir(tmp_path) == []
 
 
@@ -149,7 +163,7 @@ def test_write_shard_to_s3(s3_server, s3_url):
     so = s3_server["storage_options"]
     clips, codes = make_clips(8, [20, 5])
     url = storage.join(s3_url, "data", "shard-0.parquet")
-    result = write_shard(url, clips, codes, num_codebooks=8, file_metadata=FILE_METADATA, storage_options=so)
+    result = write_shard(url, clips, num_codebooks=8, file_metadata=FILE_METADATA, storage_options=so)
     fs, path = storage.get_fs(url, so)
     raw = fs.cat_file(path)
     assert result.bytes == len(raw) and result.sha256 == hashlib.sha256(raw).hexdigest()

@@ -1,0 +1,125 @@
+"""Reconcile the listing with the output on storage: which shards are done, which to encode, which files to retire.
+
+The output is a set of rows keyed by clip id, in files named by shard. When the listing changes between runs (inputs
+added, removed, rewritten), a shard's members change, or its id leaves the listing. The plan, made from storage
+alone (done records, data files, and the ids inside the files that changed), keeps every clip id in exactly one
+file, and loses no row without being asked:
+
+* a done shard whose record names the listing's digest (same members, sizes, versions) is kept as is;
+* every other file is *stale*: before anything is encoded, it is retired: rewritten to hold only the rows of inputs
+  that are gone from the listing (``retained``), or deleted when there are none (or with ``prune``). Users often
+  delete raw audio after tokenizing it; its tokens are kept until ``--prune`` asks otherwise. After this step no
+  file holds a clip of the listing except the done shards that own it;
+* the listing's shards that are not done are encoded; a shard whose own file was retired carries its retained rows
+  over into its new file.
+
+Every step writes the file first and its record second, and every decision is re-derived from storage on the next
+run, so a run killed at any step leaves an output that the next run completes, with each clip once. A file without a
+record (a run killed between the two writes) is stale like any other. For WebDataset and Parquet inputs the unit is
+the container file: its rows are gone when the file is gone from the listing, and redone when it changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.manifest import DATA_DIR, file_matches, is_done
+from pipeline.types import Shard
+
+CONTAINER_KINDS = ("webdataset", "parquet")
+
+
+@dataclass
+class Retire:
+    """A stale file to rewrite with only the rows ``keep`` (clip ids of gone inputs), or to delete (``keep`` empty)."""
+
+    shard_id: str
+    kind: str
+    uri: str
+    keep: list[str]
+    rows: int  # rows in the file now
+
+
+@dataclass
+class Plan:
+    shards: list[Shard]  # the listing
+    done: dict[str, dict[str, Any]]  # shard id → record: done and unchanged
+    retained: dict[str, dict[str, Any]]  # shard id → record: retained rows that stay as they are
+    pending: list[Shard]  # to encode
+    retire: list[Retire]  # to rewrite or delete before encoding
+    carry: set[str] = field(default_factory=set)  # pending shards whose retired file's rows go into their new file
+    changes: dict[str, Any] = field(default_factory=dict)  # for the manifest and `status`
+    warnings: list[str] = field(default_factory=list)
+
+
+def make_plan(shards: list[Shard], records: dict[str, dict[str, Any]], files: dict[str, int], *, prune: bool,
+              read_ids: Callable[[str], list[str]]) -> Plan:
+    """The plan for ``shards`` given the output's ``records`` and data ``files`` (name → size); ``read_ids(shard_id)``
+    returns the clip ids in that shard's data file (called for stale files only)."""
+    by_id = {s.shard_id: s for s in shards}
+    kind = shards[0].kind if shards else "files"
+    listed_keys = {m.key for s in shards for m in s.members}
+    file_ids = {name.removesuffix(".parquet") for name in files if name.endswith(".parquet")}
+    done, retained, stale = {}, {}, []
+    for shard_id in sorted(set(records) | file_ids):
+        record = records.get(shard_id)
+        valid = record is not None and file_matches(record, files)
+        shard = by_id.get(shard_id)
+        if valid and shard is not None and is_done(record, shard):
+            done[shard_id] = record
+        elif (valid and shard is None and record.get("status") == "retained" and not prune
+              and not any(key in listed_keys for key in record.get("ids", []))):
+            retained[shard_id] = record
+        else:
+            stale.append(shard_id)
+
+    warnings = []
+    gone: dict[str, list[str]] = {}
+    stale_ids: set[str] = set()
+    retire = []
+    for shard_id in stale:
+        record, shard = records.get(shard_id), by_id.get(shard_id)
+        if f"{shard_id}.parquet" in files:
+            ids = read_ids(shard_id)
+        else:
+            ids = []
+            if record is not None and record.get("rows"):
+                warnings.append(f"shard {shard_id}: its data file is missing; its {record['rows']} row(s) cannot be "
+                                "kept if their inputs are gone (the others are encoded again)")
+        stale_ids.update(ids)
+        if kind in CONTAINER_KINDS:
+            gone[shard_id] = [] if shard is not None else ids
+        else:
+            gone[shard_id] = [i for i in ids if i not in listed_keys]
+        uri = shard.uri if shard is not None else record["shard"]["uri"] if record else ""
+        retire.append(Retire(shard_id, kind, uri, [] if prune else gone[shard_id], len(ids)))
+
+    pending = [s for s in shards if s.shard_id not in done]
+    carry = {r.shard_id for r in retire if r.keep and r.shard_id in by_id}
+    pending_keys = {m.key for s in pending for m in s.members}
+    gone_ids = {i for ids in gone.values() for i in ids}
+    old_records = {s for s in stale if s in records}
+    changes = {
+        "shards": {
+            "added": sum(s.shard_id not in records for s in pending),
+            "changed": sum(s.shard_id in old_records for s in pending),
+            "removed": sum(s not in by_id for s in old_records),
+            "unchanged": len(done),
+        },
+        "clips": {
+            "encoded_before": len(pending_keys & stale_ids),
+            "new": len(pending_keys - stale_ids),
+            "gone": len(gone_ids),
+            "kept": 0 if prune else len(gone_ids),
+            "pruned": len(gone_ids) if prune else 0,
+            "retained_before": sum(r["rows"] for r in retained.values()),
+        },
+        "prune": prune,
+    }
+    return Plan(shards, done, retained, pending, retire, carry, changes, warnings)
+
+
+def data_file(shard_id: str) -> str:
+    return f"{DATA_DIR}/{shard_id}.parquet"

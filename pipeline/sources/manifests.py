@@ -1,0 +1,73 @@
+"""``manifest`` input: one ``.jsonl`` or ``.csv`` file listing audio URIs, read once when the run starts.
+
+The URI column is the first of ``audio``, ``path``, ``uri``, ``file``, ``audio_path`` that a row fills; relative
+URIs resolve against the manifest's folder. Clip id: the ``id`` column if present, else the URI as written
+(``row-{index:08d}`` for a row with neither, which becomes a read failure). Ids must be unique. Every other column
+passes through as metadata (CSV values stay strings).
+
+Shards: the rows sorted by id, cut by :mod:`pipeline.sharding` into shards of at most ``files_per_shard`` rows
+(``manifest-{hash of the first id}``). Each shard carries its rows, so the manifest is read once by the driver and
+never again by the decode tasks; a row whose URI or metadata changes redoes its shard.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+from pipeline import retry, sharding
+from pipeline.sources.common import extension, resolve
+from pipeline.sources.files import make_shard
+from pipeline.sources.listing import Listing
+from pipeline.types import Member, Shard
+
+URI_COLUMNS = ("audio", "path", "uri", "file", "audio_path")
+
+
+def discover(listing: Listing, rows_per_shard: int) -> list[Shard]:
+    (path,) = listing.files
+    uri = listing.uri(path)
+    data = retry.call(listing.fs.cat_file, path, what=f"read {uri}")
+    members = [_member(row, index, uri) for index, row in enumerate(parse_rows(data, extension(path)))]
+    if not members:
+        raise ValueError(f"manifest {uri} has no rows")
+    if all(m.error for m in members):
+        raise ValueError(f"manifest {uri}: no row has any of the URI columns {URI_COLUMNS}")
+    duplicates = [key for key, n in Counter(m.key for m in members).items() if n > 1]
+    if duplicates:
+        raise ValueError(f"manifest {uri}: {len(duplicates)} clip id(s) appear more than once (e.g. "
+                         f"{', '.join(map(repr, duplicates[:3]))}); ids (the id column, else the URI) must be unique")
+    members.sort(key=lambda m: m.key)
+    ranges = sharding.cut([m.key for m in members], [1] * len(members), max_items=rows_per_shard)
+    return [make_shard("manifest", uri, tuple(members[a:b]), root=listing.root_uri) for a, b in ranges]
+
+
+def parse_rows(data: bytes, ext: str) -> Iterator[dict[str, Any]]:
+    """The rows of a JSONL or CSV manifest as dicts."""
+    text = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", newline="")
+    if ext == "csv":
+        yield from csv.DictReader(text)
+    else:
+        yield from (json.loads(line) for line in text if line.strip())
+
+
+def _member(row: dict[str, Any], index: int, manifest_uri: str) -> Member:
+    if not isinstance(row, dict):
+        raise ValueError(f"manifest {manifest_uri}: row {index} is not an object: {row!r:.200}")
+    given_id = row.pop("id", None)  # becomes the clip id (the `id` column), not a metadata column too
+    column = next((c for c in URI_COLUMNS if row.get(c) not in (None, "")), None)
+    if column is None:
+        key = str(given_id) if given_id not in (None, "") else f"row-{index:08d}"
+        return Member(key, f"{manifest_uri}#{index}", row=_compact(row),
+                      error=f"manifest {manifest_uri}: row {index} has none of the URI columns {URI_COLUMNS}")
+    written = str(row.pop(column))
+    key = str(given_id) if given_id not in (None, "") else written
+    return Member(key, resolve(written, manifest_uri), row=_compact(row))
+
+
+def _compact(row: dict[str, Any]) -> str:
+    return json.dumps(row, separators=(",", ":"), ensure_ascii=False) if row else ""

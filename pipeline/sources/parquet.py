@@ -1,0 +1,124 @@
+"""``parquet`` input: Hugging Face Parquet shards with an ``Audio`` column, one output shard per file
+(``parquet-{relative path}``).
+
+The Audio column is the first declared ``Audio`` in the file's Hugging Face schema metadata, else the first struct
+of ``bytes``/``path``. Clip id: ``{parquet relative path}/{Audio path}`` when every row of the file has a distinct,
+non-empty Audio path, else ``{parquet relative path}/{row index:08d}``. Every non-audio column passes through as
+metadata. Rows without bytes are read from their Audio path (relative to the Parquet file). Source URI of a row
+with bytes: ``{parquet uri}#{row}``. Rows are read a batch at a time: memory is bounded by the file's row groups.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import retry
+from pipeline.schema import MetadataSchemaError
+from pipeline.sources.common import ClipItem, fetch_clip, get_fs, non_empty, open_stream, relative, resolve
+from pipeline.types import ClipFailure, ClipSource, Shard
+
+BATCH_ROWS = 64
+
+
+def iter_clips(shard: Shard, storage_options: dict, only: int | None = None) -> Iterator[ClipItem]:
+    prefix = relative(shard.uri, shard.root)
+    fs, path = get_fs(shard.uri, storage_options)
+    try:
+        with open_stream(fs, path, shard.size, f"read {shard.uri}") as raw:
+            parquet = pq.ParquetFile(raw)
+            audio_column = audio_column_of(parquet.schema_arrow)
+            audio_structs = parquet.read(columns=[f"{audio_column}.path"]).column(0).to_pylist()
+            ids = _ids(prefix, [audio and audio["path"] for audio in audio_structs])
+            index = 0
+            for batch in parquet.iter_batches(batch_size=BATCH_ROWS):
+                if only is not None and not index <= only < index + batch.num_rows:
+                    index += batch.num_rows
+                    continue
+                for row in batch.to_pylist():
+                    if only is None or index == only:
+                        yield _clip(ids[index], row, audio_column, shard.uri, index, storage_options)
+                    index += 1
+    except Exception as exc:  # unreadable file or no audio column: record it, keep what came before
+        if retry.is_transient(exc):
+            raise
+        yield ClipFailure.from_exception(prefix, shard.uri, "read", exc)
+
+
+def list_items(shard: Shard, storage_options: dict) -> list[tuple[str, str]]:
+    """(clip id, source URI) of the rows :func:`iter_clips` yields for the file (the Audio paths only)."""
+    prefix = relative(shard.uri, shard.root)
+    fs, path = get_fs(shard.uri, storage_options)
+    with open_stream(fs, path, shard.size, f"read {shard.uri}") as raw:
+        parquet = pq.ParquetFile(raw)
+        paths = parquet.read(columns=[f"{audio_column_of(parquet.schema_arrow)}.path"]).column(0).to_pylist()
+    return [(clip_id, f"{shard.uri}#{i}") for i, clip_id in enumerate(_ids(prefix, [a and a["path"] for a in paths]))]
+
+
+def metadata_schema(shards: list[Shard], storage_options: dict) -> pa.Schema:
+    """The non-audio columns of the Parquet inputs, one type each (decided before encoding, from the footers); a
+    column two files type incompatibly is a :class:`pipeline.schema.MetadataSchemaError`. An unreadable file is
+    skipped here (it becomes a read failure when its shard is decoded)."""
+    def footer(shard: Shard) -> tuple[Shard, pa.Schema | None]:
+        fs, path = get_fs(shard.uri, storage_options)
+        try:
+            with open_stream(fs, path, shard.size, f"read {shard.uri}") as raw:
+                schema = pq.read_schema(raw)
+            audio = audio_column_of(schema)
+        except Exception as exc:
+            if retry.is_transient(exc):
+                raise
+            return shard, None
+        return shard, pa.schema([f.remove_metadata() for f in schema if f.name != audio])
+
+    fields: dict[str, tuple[pa.Field, str]] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        for shard, schema in pool.map(footer, shards):
+            for field in schema or []:
+                if field.name not in fields:
+                    fields[field.name] = (field, shard.uri)
+                    continue
+                known, where = fields[field.name]
+                try:
+                    merged = pa.unify_schemas([pa.schema([known]), pa.schema([field])], promote_options="permissive")
+                except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                    raise MetadataSchemaError(
+                        f"column {field.name!r} is {known.type} in {where} but {field.type} in {shard.uri}; give it "
+                        f"one type in every input file ({exc})") from exc
+                fields[field.name] = (merged.field(0), where)
+    return pa.schema([field for field, _ in fields.values()])
+
+
+def audio_column_of(schema: pa.Schema) -> str:
+    """The first column declared ``Audio`` in the Hugging Face schema metadata, else the first bytes/path struct."""
+    hf_info = json.loads((schema.metadata or {}).get(b"huggingface", b"{}"))
+    features = hf_info.get("info", {}).get("features", {})
+    declared = [name for name, feature in features.items() if feature.get("_type") == "Audio"]
+    structs = [f.name for f in schema if pa.types.is_struct(f.type) and {"bytes", "path"} <= set(f.type.names)]
+    for name in declared + structs:
+        if name in schema.names:
+            return name
+    raise ValueError(f"no Audio column (struct of bytes/path) in columns {schema.names}")
+
+
+def _ids(prefix: str, audio_paths: list[str | None]) -> list[str]:
+    if all(audio_paths) and len(set(audio_paths)) == len(audio_paths):
+        return [f"{prefix}/{p}" for p in audio_paths]
+    return [f"{prefix}/{i:08d}" for i in range(len(audio_paths))]
+
+
+def _clip(clip_id: str, row: dict[str, Any], audio_column: str, parquet_uri: str, index: int,
+          storage_options: dict) -> ClipItem:
+    audio = row.pop(audio_column) or {}
+    if audio.get("bytes") is None and audio.get("path"):
+        return fetch_clip(clip_id, resolve(audio["path"], parquet_uri), row, storage_options)
+    source_uri = f"{parquet_uri}#{index}"
+    try:
+        return ClipSource(clip_id, source_uri, non_empty(audio.get("bytes")), row)
+    except ValueError as exc:
+        return ClipFailure.from_exception(clip_id, source_uri, "read", exc)
