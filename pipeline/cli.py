@@ -1,7 +1,8 @@
 """``mimi-tokenize``: the command line. Each subcommand is one function registered with :func:`command`.
 
-Exit codes: 0 success; 1 the run finished but left shards undone or too many failed clips; 2 the command could not
-run (bad flags or config, output locked or incompatible, unreadable input, model not loadable).
+Exit codes: 0 success; 1 the run finished but left shards undone or too many failed clips, or storage stayed
+unavailable past the retry window mid-run; 2 the command could not run (bad flags or config, output locked or
+incompatible, unreadable input, model not loadable).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from mimi import CheckpointError
 from pipeline import manifest
 from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.retry import StorageUnavailable
 from pipeline.runner import RunError, run
 from pipeline.storage import OutputLockedError
 
@@ -224,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     except EXPECTED_ERRORS as exc:
         print(f"mimi-tokenize {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except StorageUnavailable as exc:  # an outage longer than storage_retry_s, mid-run: nothing is lost
+        print(f"mimi-tokenize {args.command}: error: {exc}; run the same command again once the store is back",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"mimi-tokenize {args.command}: interrupted", file=sys.stderr)
         return 130

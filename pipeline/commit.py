@@ -43,6 +43,7 @@ class Output:
         fs, path = storage.get_fs(url, self.storage_options)
 
         def read() -> pa.Table:
+            fs.invalidate_cache(path)  # the file may have been rewritten since this process last saw it
             with fs.open(path, "rb") as f:
                 return pq.read_table(f, columns=columns)
 

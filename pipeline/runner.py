@@ -274,7 +274,11 @@ def run(cfg: RunConfig) -> int:
         if final is None:
             final = _work(cfg, plan, model_files, output, schema, run_record, lock, session_start)
     finally:
-        lock.release()
+        try:
+            lock.release()
+        except OSError as exc:  # the store is down: the lock goes stale on its own (its heartbeat has stopped)
+            log.warning("could not release the output's lock (%s); it goes stale in %.0f s", retry.brief(exc),
+                        lock.stale_after_s)
     return exit_code(cfg, final)
 
 

@@ -52,3 +52,22 @@ def s3_server() -> Iterator[dict[str, Any]]:
 def s3_url(s3_server: dict[str, Any]) -> str:
     """A fresh, empty ``s3://`` prefix in the test bucket."""
     return f"s3://{s3_server['bucket']}/{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def fault_proxy(s3_server: dict[str, Any]):
+    """A factory of fault-injecting proxies in front of the S3 server: ``fault_proxy(**FaultProxy options)`` returns
+    ``(proxy, storage_options)``, the options reaching the server through the proxy. Stopped after the test."""
+    from fault_proxy import FaultProxy
+
+    proxies = []
+
+    def make(**options) -> tuple[FaultProxy, dict[str, Any]]:
+        proxy = FaultProxy(s3_server["endpoint_url"], **options).start(faults=False)
+        proxies.append(proxy)
+        return proxy, {**s3_server["storage_options"], "client_kwargs": {"endpoint_url": proxy.url},
+                       "skip_instance_cache": True}
+
+    yield make
+    for proxy in proxies:
+        proxy.stop()

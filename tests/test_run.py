@@ -19,13 +19,12 @@ import pytest
 import ray
 import torch
 
-import mimi
 from audio_fixtures import FORMATS, corrupt_bytes, encode, write_audio, write_hub_parquet, write_tar
 from audio_fixtures import signal as tone
+from outputs import assert_codes_equal, read_output, reference_codes
 from pipeline import manifest
 from pipeline.cli import main
 from pipeline.config import RunConfig
-from pipeline.prepare import prepare_shard
 from pipeline.runner import run
 from pipeline.sources import discover_shards
 from pipeline.storage import RunLock
@@ -52,38 +51,6 @@ def corpus(tmp_path_factory) -> Path:
     (root / "set0" / "corrupt.wav").write_bytes(corrupt_bytes())
     (root / "set1" / "empty.flac").write_bytes(b"")
     return root
-
-
-def reference_codes(input_url: str, tiny_model_path: str, k: int, files_per_shard: int, storage_options=None):
-    """id → [F, K] codes of each clip decoded by the pipeline's own functions and encoded alone."""
-    model = mimi.load_mimi(tiny_model_path)
-    ref = {}
-    for shard in discover_shards(input_url, files_per_shard=files_per_shard, storage_options=storage_options):
-        for clip in prepare_shard(shard, storage_options=storage_options)[0]:
-            codes = model.encode(torch.from_numpy(clip.audio)[None, None], num_codebooks=k)[0].numpy()
-            ref[clip.clip_id] = codes.T.astype(np.int16)
-    return ref
-
-
-def assert_codes_equal(rows: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> None:
-    assert sorted(rows) == sorted(ref)
-    mismatched = {i: int((rows[i] != ref[i]).sum()) for i in ref if rows[i].shape != ref[i].shape or
-                  not np.array_equal(rows[i], ref[i])}
-    assert not mismatched, f"codes differ from the model's own (clip: differing codes): {mismatched}"
-
-
-def read_output(output: str, storage_options=None) -> dict[str, np.ndarray]:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(output, **(storage_options or {}))
-    rows = {}
-    for file in sorted(fs.glob(f"{path}/data/*.parquet")):
-        with fs.open(file, "rb") as f:
-            table = pq.read_table(f)
-        for i, clip_id in enumerate(table.column("id").to_pylist()):
-            assert clip_id not in rows, f"duplicate row {clip_id}"
-            rows[clip_id] = read_codes(table, i)
-    return rows
 
 
 def test_end_to_end(corpus, tiny_model_path, tmp_path, caplog, capsys):

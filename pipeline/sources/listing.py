@@ -49,6 +49,7 @@ def kind_of(path: str) -> str | None:
 def list_input(input_url: str, storage_options: dict | None = None) -> Listing:
     """List ``input_url`` (a folder, searched recursively; a glob; or one file), through the retry layer."""
     fs, path = get_fs(input_url, storage_options)
+    fs.invalidate_cache()  # a listing cached by an earlier run in this process would hide what changed since
     what = f"list {input_url}"
     if fsspec.core.has_magic(path):
         root, found = _glob_root(path), {}
