@@ -59,8 +59,9 @@ class Output:
         result = write_shard(self.data_url(shard.shard_id), rows, num_codebooks=self.num_codebooks,
                              file_metadata=self.metadata_for(shard.shard_id), schema=schema, carried=carried,
                              storage_options=self.storage_options)
+        kept = carried.column("id").to_pylist() if carried is not None else []
         return manifest.write_done_record(self.url, shard, result, failures, started=started, finished=time.time(),
-                                          attempt=attempt, storage_options=self.storage_options)
+                                          attempt=attempt, kept_ids=kept, storage_options=self.storage_options)
 
     def retire(self, item: Retire) -> dict[str, Any] | None:
         """Rewrite a stale file with only the rows ``item.keep`` (record ``retained``), or delete file and record."""
@@ -74,7 +75,7 @@ class Output:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                                b"shard_id": item.shard_id.encode()})
         return self._rewrite(Shard(item.shard_id, item.kind, item.uri, "", ""), table, "retained", started,
-                             ids=table.column("id").to_pylist())
+                             kept_ids=table.column("id").to_pylist())
 
     def conform(self, record: dict[str, Any], schema: pa.Schema) -> dict[str, Any]:
         """Rewrite a recorded file with the metadata columns of ``schema`` (the end-of-run unification)."""
@@ -84,13 +85,12 @@ class Output:
         shard = Shard(info["shard_id"], info["kind"], info["uri"], "", info.get("digest") or "")
         failures = [ClipFailure(**f) for f in record["failures"]]
         return self._rewrite(shard, table, record["status"], started, failures, record.get("attempt", 1),
-                             record.get("carried", 0), record.get("ids"))
+                             record["kept_ids"])
 
     def _rewrite(self, shard: Shard, table: pa.Table, status: str, started: float,
-                 failures: list[ClipFailure] | None = None, attempt: int = 1, carried: int = 0,
-                 ids: list[str] | None = None) -> dict[str, Any]:
-        result = write_table(self.data_url(shard.shard_id), table, carried=carried,
-                             storage_options=self.storage_options)
+                 failures: list[ClipFailure] | None = None, attempt: int = 1,
+                 kept_ids: list[str] | None = None) -> dict[str, Any]:
+        result = write_table(self.data_url(shard.shard_id), table, storage_options=self.storage_options)
         return manifest.write_done_record(self.url, shard, result, failures or [], started=started,
-                                          finished=time.time(), attempt=attempt, status=status, ids=ids,
+                                          finished=time.time(), attempt=attempt, status=status, kept_ids=kept_ids,
                                           storage_options=self.storage_options)

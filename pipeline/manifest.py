@@ -129,12 +129,13 @@ def record_url(output_url: str, shard_id: str) -> str:
 
 def write_done_record(output_url: str, shard: Shard, result: ShardWriteResult, failures: list[ClipFailure], *,
                       started: float, finished: float, attempt: int, status: str = "done",
-                      ids: list[str] | None = None, storage_options: dict[str, Any] | None = None
+                      kept_ids: list[str] | None = None, storage_options: dict[str, Any] | None = None
                       ) -> dict[str, Any]:
     """Record ``shard``'s file in ``_state/shards/{shard_id}.json``; call only after its Parquet file is committed.
 
-    ``status`` is ``done``, or ``retained`` for a file that holds only rows of gone inputs, listed in ``ids``.
-    ``started``/``finished`` are unix times; ``attempt`` counts from 1. Returns the record.
+    ``status`` is ``done``, or ``retained`` for a file that holds only rows of gone inputs; ``kept_ids`` are the clip
+    ids of such rows in the file (carried over into a done shard, or all of a retained file's). ``started`` /
+    ``finished`` are unix times; ``attempt`` counts from 1. Returns the record.
     """
     record = {
         "shard": {"shard_id": shard.shard_id, "kind": shard.kind, "uri": shard.uri,
@@ -142,7 +143,7 @@ def write_done_record(output_url: str, shard: Shard, result: ShardWriteResult, f
         "status": status,
         "file": shard_file(shard.shard_id),
         "rows": result.rows,
-        "carried": result.carried if status == "done" else result.rows,
+        "carried": len(kept_ids or []),
         "frames": result.frames,
         "bytes": result.bytes,
         "sha256": result.sha256,
@@ -154,7 +155,7 @@ def write_done_record(output_url: str, shard: Shard, result: ShardWriteResult, f
         "started": _iso(started),
         "finished": _iso(finished),
         "attempt": attempt,
-        **({"ids": ids} if status == "retained" else {}),
+        "kept_ids": kept_ids or [],
     }
     storage.write_json(record_url(output_url, shard.shard_id), record, storage_options)
     return record
@@ -310,6 +311,16 @@ def summarize(manifest: dict[str, Any]) -> str:
     ]
     if manifest["model"].get("untrained"):
         lines.append(f"model: {manifest['model'].get('note') or UNTRAINED_NOTE}")
+    if totals.get("kept_clips"):
+        lines.append(f"kept: {totals['kept_clips']:,} clips whose inputs are gone from the listing "
+                     f"(in {totals['retained_files']:,} retained file(s) and in redone shards; --prune drops them)")
+    listing = manifest.get("listing") or {}
+    if listing and (listing["clips"]["new"] or listing["clips"]["gone"] or listing["shards"]["changed"]):
+        clips, shards = listing["clips"], listing["shards"]
+        fate = "pruned" if listing["prune"] else f"kept {clips['kept']:,}"
+        lines.append(f"listing: {clips['new']:,} new clip(s), {clips['gone']:,} gone ({fate}); shards: "
+                     f"{shards['added']:,} added, {shards['changed']:,} changed, {shards['removed']:,} removed, "
+                     f"{shards['unchanged']:,} unchanged")
     if totals["failed_by_class"]:
         lines.append("failures: " + ", ".join(f"{cls} {n:,}" for cls, n in totals["failed_by_class"].items()))
     lines.append(f"codes: {totals['frames']:,} frames × {manifest['num_codebooks']} codebooks = "

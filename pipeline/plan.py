@@ -5,7 +5,8 @@ added, removed, rewritten), a shard's members change, or its id leaves the listi
 alone (done records, data files, and the ids inside the files that changed), keeps every clip id in exactly one
 file, and loses no row without being asked:
 
-* a done shard whose record names the listing's digest (same members, sizes, versions) is kept as is;
+* a done shard whose record names the listing's digest (same members, sizes, versions) is kept as is, unless it holds
+  rows kept for gone inputs that ``prune`` drops, or whose inputs are listed again;
 * every other file is *stale*: before anything is encoded, it is retired: rewritten to hold only the rows of inputs
   that are gone from the listing (``retained``), or deleted when there are none (or with ``prune``). Users often
   delete raw audio after tokenizing it; its tokens are kept until ``--prune`` asks otherwise. After this step no
@@ -67,10 +68,11 @@ def make_plan(shards: list[Shard], records: dict[str, dict[str, Any]], files: di
         record = records.get(shard_id)
         valid = record is not None and file_matches(record, files)
         shard = by_id.get(shard_id)
-        if valid and shard is not None and is_done(record, shard):
+        kept = record.get("kept_ids", []) if record else []
+        keeps_rightly = not kept or (not prune and not any(key in listed_keys for key in kept))
+        if valid and shard is not None and is_done(record, shard) and keeps_rightly:
             done[shard_id] = record
-        elif (valid and shard is None and record.get("status") == "retained" and not prune
-              and not any(key in listed_keys for key in record.get("ids", []))):
+        elif valid and shard is None and record.get("status") == "retained" and keeps_rightly:
             retained[shard_id] = record
         else:
             stale.append(shard_id)

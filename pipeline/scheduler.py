@@ -35,7 +35,7 @@ from pipeline.types import Shard
 
 log = logging.getLogger(__name__)
 
-POOL_CHECK_S = 5.0  # how often the pool is matched to the cluster
+POOL_CHECK_S = 2.0  # how often the pool is matched to the cluster
 START_FAILURES_FATAL = 3  # consecutive encoder start failures, with none ever up, that stop the run
 RETRY_BACKOFF_S = 15.0  # base delay before a failed attempt is retried (exponential, jittered)
 

@@ -79,10 +79,14 @@ def infer(rows: Iterable[dict[str, Any]], where: str) -> pa.Schema:
     n = 0
     for n, row in enumerate(rows, start=1):
         for key, value in row.items():
-            columns.setdefault(key, [None] * (n - 1)).append(value)
-        for key, values in columns.items():
-            if len(values) < n:
-                values.append(None)
+            values = columns.get(key)
+            if values is None:
+                values = columns[key] = [None] * (n - 1)
+            values.append(value)
+        if len(row) != len(columns):
+            for values in columns.values():
+                if len(values) < n:
+                    values.append(None)
     fields = []
     for name, values in columns.items():
         try:

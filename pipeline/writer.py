@@ -39,8 +39,8 @@ CORE_COLUMNS = ("id", "source_uri", "codes", "n_frames", "duration_s", "orig_sam
 
 @dataclass(frozen=True)
 class ShardWriteResult:
-    """What was written: rows (clips), frames and audio seconds (summed), file size and sha256, final URL, the
-    file's metadata schema, and how many rows were carried over from the previous file."""
+    """What was written: rows (clips), frames and audio seconds (summed), file size and sha256, final URL, and the
+    file's metadata schema."""
 
     rows: int
     frames: int
@@ -49,7 +49,6 @@ class ShardWriteResult:
     sha256: str
     path: str
     metadata_schema: pa.Schema
-    carried: int = 0
 
 
 def codes_type(num_codebooks: int) -> pa.DataType:
@@ -127,10 +126,10 @@ def _row_group_bounds(row_bytes: np.ndarray, row_group_bytes: int) -> list[tuple
     return bounds
 
 
-def write_table(url: str, table: pa.Table, *, carried: int = 0, storage_options: dict[str, Any] | None = None,
+def write_table(url: str, table: pa.Table, *, storage_options: dict[str, Any] | None = None,
                 row_group_bytes: int = 100 * 2**20) -> ShardWriteResult:
     """Write a shard ``table`` to the Parquet file ``url`` atomically (see :func:`pipeline.storage.atomic_output`):
-    if anything fails, ``url`` is left untouched. ``carried``: how many of its rows are carried over."""
+    if anything fails, ``url`` is left untouched."""
     num_codebooks = table.schema.field("codes").type.value_type.list_size
     n_frames = table.column("n_frames").to_numpy()
     bounds = _row_group_bounds(n_frames.astype(np.int64) * num_codebooks * 2, row_group_bytes)
@@ -148,7 +147,6 @@ def write_table(url: str, table: pa.Table, *, carried: int = 0, storage_options:
         sha256=digest,
         path=url,
         metadata_schema=metadata_schema(table),
-        carried=carried,
     )
 
 
@@ -159,8 +157,7 @@ def write_shard(url: str, rows: list[EncodedClip], *, num_codebooks: int, file_m
     """Write ``rows`` (then the ``carried`` rows) to the Parquet file ``url``, atomically."""
     table = build_table(rows, num_codebooks=num_codebooks, file_metadata=file_metadata, schema=schema,
                         carried=carried)
-    return write_table(url, table, carried=0 if carried is None else carried.num_rows,
-                       storage_options=storage_options, row_group_bytes=row_group_bytes)
+    return write_table(url, table, storage_options=storage_options, row_group_bytes=row_group_bytes)
 
 
 def read_codes(source: Any, index: int = 0) -> np.ndarray:

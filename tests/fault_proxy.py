@@ -6,8 +6,8 @@ and it fails requests the way object stores fail in production.
 * at other times, a share ``error_rate`` of requests fail at random: ``500 InternalError``, a reset before the
   request reaches the server, or a response cut off in the middle of its body;
 * ``latency_s`` added before every GET;
-* ``on_request(method, path, status)`` is called after each request the server answered, e.g. to kill a run at a
-  chosen commit step.
+* ``on_request(method, path, status)`` is called for each request the server answered, before the answer goes
+  back to the client: the request took effect, and the client does not know yet (where a kill hurts most).
 
 A request that fails never reaches the server, except a cut-off response (the server did the work; the client
 never learns it). Counters in :attr:`stats`.
@@ -129,15 +129,15 @@ class FaultProxy:
             handler.wfile.flush()
             _reset(handler)
             return
+        self.stats["forwarded"] += 1
+        if self.on_request is not None:
+            self.on_request(handler.command, handler.path, status)
         handler.send_response(status)
         for name, value in headers:
             handler.send_header(name, value)
         handler.end_headers()
         if handler.command != "HEAD":
             handler.wfile.write(payload)
-        self.stats["forwarded"] += 1
-        if self.on_request is not None:
-            self.on_request(handler.command, handler.path, status)
 
     def _forward(self, handler: BaseHTTPRequestHandler, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
         connection = http.client.HTTPConnection(*self.upstream, timeout=60)

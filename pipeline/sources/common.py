@@ -118,7 +118,10 @@ def resolve(uri: str, base_file_uri: str) -> str:
     if "://" in uri:
         return uri
     scheme, _, base_path = base_file_uri.rpartition("://")
-    return f"{scheme}://{posixpath.normpath(posixpath.join(posixpath.dirname(base_path), uri))}"
+    folder = posixpath.dirname(base_path)
+    if uri.startswith("/") or "./" in uri or "//" in uri or uri.endswith("."):
+        return f"{scheme}://{posixpath.normpath(posixpath.join(folder, uri))}"
+    return f"{scheme}://{folder}/{uri}"  # already normal: no need to normalise (a million-row manifest)
 
 
 def relative(uri: str, root_uri: str) -> str:
