@@ -57,6 +57,7 @@ _RUN_FLAGS = [
     arg("--prune", action="store_true", default=None,
         help="drop the rows of inputs that are gone from the listing (default: keep them)"),
     arg("--max-clip-seconds", type=float, help="a longer clip is a recorded failure (default 86400)"),
+    arg("--part-seconds", type=float, help="decoded audio per part from a decode task to its encoder (default 300)"),
     arg("--decode-tasks-per-encoder", type=int, help="shards decoding at once per encoder (default: CPUs/encoders)"),
     arg("--storage-retry-s", type=float, help="retry storage operations through transient errors this long (300)"),
 ]

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 LOCK_REFRESH_S = 30.0  # RunLock heartbeat period (its stale_after_s is 120 s)
 ENCODER_MEMORY = 3 * 2**30  # host memory an encoder actor declares (model, batch activations, its shards' codes)
+MAINTENANCE_MEMORY = 2**30  # a retire / conform task holds one shard file's table (codes and metadata)
 # settings that change which clips a shard holds, or their codes
 SETTINGS_FIXED_ON_RESUME = ("input", "files_per_shard", "max_shard_bytes", "channel_policy", "dtype")
 
@@ -142,7 +143,8 @@ def _run_steps(output: Output, what: str, calls: list[tuple[str, str, tuple]], p
         return {}
     log.info("%s: %d file(s)", what, len(calls))
     policy = retry.policy()
-    refs = {_maintenance.options(num_cpus=1, name=f"{method}:{shard_id}").remote(output, policy, method, *args):
+    refs = {_maintenance.options(num_cpus=1, memory=MAINTENANCE_MEMORY, name=f"{method}:{shard_id}").remote(
+                output, policy, method, *args):
             shard_id for shard_id, method, args in calls}
     errors, waited = {}, 0.0
     while refs:

@@ -1,0 +1,57 @@
+"""Peak memory of a process tree (a run: driver, Ray's processes, workers, the object store), sampled as the sum
+of PSS over the tree, so that shared pages (Ray's object store, mapped by many workers) count once."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+
+def tree(root: int) -> set[int]:
+    """``root`` and every process descending from it."""
+    parents: dict[int, int] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parents[int(pid)] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = {root}, {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def pss_bytes(pids: set[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1]) * 1024
+                break
+    return total
+
+
+class PeakMemory(threading.Thread):
+    """Samples the summed PSS of ``root``'s tree every ``interval_s`` until :meth:`stop`; ``peak`` in bytes."""
+
+    def __init__(self, root: int, interval_s: float = 0.2):
+        super().__init__(daemon=True)
+        self.root, self.interval_s, self.peak = root, interval_s, 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.peak = max(self.peak, pss_bytes(tree(self.root)))
+            time.sleep(self.interval_s)
+
+    def stop(self) -> int:
+        self.done.set()
+        self.join()
+        return self.peak
