@@ -4,7 +4,8 @@ join the cluster) and it runs one task on every alive node, which reports
 * whether ``mimi-tokenize`` is importable there (the image or the job's runtime_env provides it), and its version;
 * which of the environment variables named with ``--require-env`` are set in the worker's environment -- presence
   only, never the value, so the job logs stay free of secrets;
-* the GPUs Ray sees on the node and whether torch sees CUDA.
+* the GPUs Ray sees on the node and whether torch sees CUDA, from a task that holds one of the node's GPUs (as an
+  encoder does: Ray sets ``CUDA_VISIBLE_DEVICES`` only for tasks that request GPUs).
 
     ray job submit --address "$RAY_ADDRESS" --working-dir . -- python jobs/preflight.py --require-env HF_TOKEN
 
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address=args.address, log_to_driver=False)
     try:
         nodes = [n for n in ray.nodes() if n["Alive"]]
-        refs = [_inspect_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+        refs = [_inspect_node.options(num_gpus=1 if n["Resources"].get("GPU") else 0,
+                                      scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                 .remote(args.require_env) for n in nodes]
         reports = ray.get(refs, timeout=600)
     finally:

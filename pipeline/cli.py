@@ -75,7 +75,7 @@ def run_command(args: argparse.Namespace) -> int:
          arg("--config", help="YAML config file whose storage_options reach the output"),
          arg("--json", action="store_true", help="print the whole manifest.json"))
 def status_command(args: argparse.Namespace) -> int:
-    storage_options = load_config(args.config).storage_options
+    storage_options = load_config(args.config).output_options()
     try:
         current = manifest.read_manifest(args.output, storage_options)
     except FileNotFoundError as exc:
@@ -92,7 +92,7 @@ def report_command(args: argparse.Namespace) -> int:
     from pipeline.report import report  # matplotlib is imported only here
 
     try:
-        report(args.output, args.html, load_config(args.config).storage_options)
+        report(args.output, args.html, load_config(args.config).output_options())
     except FileNotFoundError as exc:
         raise ConfigError(f"{manifest.redact(args.output)} has no manifest.json (no run has written there)") from exc
     return 0
@@ -118,7 +118,30 @@ def publish_command(args: argparse.Namespace) -> int:
 
     return run_publish(args.output, args.repo, private=args.private, dry_run=args.dry_run, force=args.force,
                        staging=args.staging, license=args.license,
-                       storage_options=load_config(args.config).storage_options)
+                       storage_options=load_config(args.config).output_options())
+
+
+from pipeline.export import ExportError  # noqa: E402 (with its subcommand)
+
+EXPECTED_ERRORS += (ExportError,)
+
+
+@command("export", "write a flat, memory-mappable copy of an output's codes for LM training stacks: DIR/codes.u16 "
+         "(uint16 [frames, K]), DIR/offsets.npy (int64 [clips + 1]), DIR/ids.txt, DIR/meta.json; a rerun into a "
+         "finished DIR does nothing",
+         arg("output", help="output folder URL of a finished run"),
+         arg("dest", metavar="DIR", help="local folder to write"),
+         arg("--num-codebooks", type=int, help="keep the first K codebooks (default: all the output has)"),
+         arg("--force", action="store_true", help="export an incomplete output (the shards that are done)"),
+         arg("--config", help="YAML config file whose storage_options reach the output"))
+def export_command(args: argparse.Namespace) -> int:
+    from pipeline.export import export
+
+    meta = export(args.output, args.dest, num_codebooks_out=args.num_codebooks, force=args.force,
+                  storage_options=load_config(args.config).output_options())
+    print(f"{args.dest}: {meta['clips']:,} clips, {meta['frames']:,} frames x {meta['num_codebooks']} codebooks "
+          f"({meta['hours']:.2f} h)")
+    return 0
 
 
 @command("encode", "encode one audio file (any supported format, resampled to 24 kHz, encoded whole) into a .npz "
@@ -167,8 +190,8 @@ def decode_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.source} is not a .npz file; to decode a clip of an output folder, pass "
                           f"--id CLIP_ID (its 'id' column)")
     else:
-        info = decode_clip(args.source, args.clip_id, args.out, storage_options=load_config(args.config)
-                           .storage_options, **options)
+        info = decode_clip(args.source, args.clip_id, args.out,
+                           storage_options=load_config(args.config).output_options(), **options)
     print(f"wrote {args.out}: {info['num_samples'] / 24_000:.2f} s at 24 kHz from {info['num_frames']} frames x "
           f"{info['num_codebooks']} codebooks")
     return 0

@@ -65,8 +65,7 @@ def fault_proxy(s3_server: dict[str, Any]):
     def make(**options) -> tuple[FaultProxy, dict[str, Any]]:
         proxy = FaultProxy(s3_server["endpoint_url"], **options).start(faults=False)
         proxies.append(proxy)
-        return proxy, {**s3_server["storage_options"], "client_kwargs": {"endpoint_url": proxy.url},
-                       "skip_instance_cache": True}
+        return proxy, {**s3_server["storage_options"], "client_kwargs": {"endpoint_url": proxy.url}}
 
     yield make
     for proxy in proxies:

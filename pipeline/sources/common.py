@@ -54,6 +54,14 @@ def non_empty(data: bytes | None) -> bytes:
     return data
 
 
+def read_failure(clip_id: str, uri: str, exc: Exception) -> ClipFailure:
+    """A read failure of the clip for an error of its own; a transient error is raised instead (it fails the
+    attempt, never the clip)."""
+    if retry.is_transient(exc):
+        raise exc
+    return ClipFailure.from_exception(clip_id, uri, "read", exc)
+
+
 def fetch_clip(clip_id: str, uri: str, metadata: dict[str, Any], storage_options: dict, size: int = 0) -> ClipItem:
     """One audio file as a :class:`ClipSource`: bytes for a small file, a stream opener for a large one.
 
@@ -70,9 +78,7 @@ def fetch_clip(clip_id: str, uri: str, metadata: dict[str, Any], storage_options
             return ClipSource(clip_id, uri, None, metadata, lambda: open_stream(fs, path, size, f"read {uri}"))
         return ClipSource(clip_id, uri, non_empty(retry.call(fs.cat_file, path, what=f"read {uri}")), metadata)
     except Exception as exc:
-        if retry.is_transient(exc):
-            raise
-        return ClipFailure.from_exception(clip_id, uri, "read", exc)
+        return read_failure(clip_id, uri, exc)
 
 
 def read_ahead(jobs: list[tuple[Callable[[], ClipItem], int]]) -> Iterator[ClipItem]:

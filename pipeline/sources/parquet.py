@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 
 from pipeline import retry
 from pipeline.schema import MetadataSchemaError
-from pipeline.sources.common import ClipItem, fetch_clip, get_fs, non_empty, open_stream, relative, resolve
+from pipeline.sources.common import (ClipItem, fetch_clip, get_fs, non_empty, open_stream, read_failure, relative,
+                                     resolve)
 from pipeline.types import ClipFailure, ClipSource, Shard
 
 BATCH_ROWS = 64
@@ -45,9 +46,7 @@ def iter_clips(shard: Shard, storage_options: dict, only: int | None = None) -> 
                         yield _clip(ids[index], row, audio_column, shard.uri, index, storage_options)
                     index += 1
     except Exception as exc:  # unreadable file or no audio column: record it, keep what came before
-        if retry.is_transient(exc):
-            raise
-        yield ClipFailure.from_exception(prefix, shard.uri, "read", exc)
+        yield read_failure(prefix, shard.uri, exc)
 
 
 def list_items(shard: Shard, storage_options: dict) -> list[tuple[str, str]]:

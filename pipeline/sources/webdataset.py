@@ -18,9 +18,9 @@ import tarfile
 from collections.abc import Iterator
 from typing import Any
 
-from pipeline import retry
-from pipeline.sources.common import WHOLE_FILE_MAX, ClipItem, get_fs, is_audio, non_empty, open_stream, relative
-from pipeline.types import ClipFailure, ClipSource, Shard
+from pipeline.sources.common import (WHOLE_FILE_MAX, ClipItem, get_fs, is_audio, non_empty, open_stream, read_failure,
+                                     relative)
+from pipeline.types import ClipSource, Shard
 
 
 def iter_clips(shard: Shard, storage_options: dict, only: int | None = None) -> Iterator[ClipItem]:
@@ -37,9 +37,7 @@ def iter_clips(shard: Shard, storage_options: dict, only: int | None = None) -> 
                 yield _clip(prefix, key, shard.uri, members, tar, duplicate=key in seen)
                 seen.add(key)
     except Exception as exc:  # unreadable or corrupt tar: record it, keep what came before
-        if retry.is_transient(exc):
-            raise
-        yield ClipFailure.from_exception(prefix, shard.uri, "read", exc)
+        yield read_failure(prefix, shard.uri, exc)
 
 
 def list_items(shard: Shard, storage_options: dict) -> list[tuple[str, str]]:
@@ -93,9 +91,7 @@ def _clip(prefix: str, key: str, tar_uri: str, members: list[tarfile.TarInfo], t
             return ClipSource(clip_id, uri, None, metadata, lambda: tar.extractfile(info))
         return ClipSource(clip_id, uri, non_empty(tar.extractfile(info).read()), metadata)
     except Exception as exc:
-        if retry.is_transient(exc):
-            raise
-        return ClipFailure.from_exception(clip_id, source_uri, "read", exc)
+        return read_failure(clip_id, source_uri, exc)
 
 
 def _add_sidecar(metadata: dict[str, Any], ext: str, data: bytes) -> None:

@@ -1,0 +1,127 @@
+"""``mimi-tokenize export OUTPUT DIR``: a flat, memory-mappable copy of an output's codes for LM training stacks.
+
+::
+
+    DIR/codes.u16     uint16 [total_frames, K], row-major (a frame's K codes are contiguous), all clips concatenated
+    DIR/offsets.npy   int64 [n_clips + 1]: clip i is codes[offsets[i]:offsets[i + 1]]
+    DIR/ids.txt       the clip ids, one per line, in the same order
+    DIR/meta.json     K, frame rate, model source and sha256, the output's manifest sha256 and data digest, counts
+
+Order: the output's data files sorted by name (``data/{shard_id}.parquet``), and the rows of each file in file order.
+K may be lower than the output's (the first K codebooks are kept). The copy is streamed a row group at a time, so
+memory does not grow with the output. An incomplete output is refused unless ``force``. The files are written
+under temporary names and renamed into place, ``meta.json`` last: a DIR without ``meta.json`` is not an export, and a
+rerun into a DIR whose ``meta.json`` names the same data and K does nothing.
+
+Read it with numpy::
+
+    codes = np.memmap("DIR/codes.u16", np.uint16, "r").reshape(-1, K)
+    offsets = np.load("DIR/offsets.npy")
+    clip = codes[offsets[i]:offsets[i + 1]]           # [n_frames, K]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import manifest, storage
+from pipeline.reading import data_files, iter_codes, num_codebooks, open_parquet
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mimi-tokenize-export/1"
+FILES = ("codes.u16", "offsets.npy", "ids.txt")
+
+
+class ExportError(RuntimeError):
+    """The output cannot be exported (incomplete, fewer codebooks than asked, nothing in it)."""
+
+
+def data_digest(records: list[dict[str, Any]]) -> str:
+    """sha256 of the data files' names and sha256s: what an export was made from."""
+    pairs = sorted((r["file"], r["sha256"]) for r in records)
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+
+
+def export(output_url: str, dest: str | Path, *, num_codebooks_out: int | None = None, force: bool = False,
+           storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Export ``output_url`` into the local folder ``dest``; return its ``meta.json`` content."""
+    where = manifest.redact(output_url)
+    try:
+        current = manifest.read_manifest(output_url, storage_options)
+    except FileNotFoundError as exc:
+        raise ExportError(f"{where} has no manifest.json (not an output of `mimi-tokenize run`)") from exc
+    if current["status"] != "complete":
+        message = f"{where}: the run is {current['status']} ({current['totals']['shards_done']} of " \
+                  f"{current['totals']['shards']} shards done)"
+        if not force:
+            raise ExportError(message + "; finish it with `mimi-tokenize run`, or pass --force to export what is done")
+        log.warning("%s; exporting the shards that are done (--force)", message)
+    k_out = current["num_codebooks"]
+    k = num_codebooks_out or k_out
+    if not 1 <= k <= k_out:
+        raise ExportError(f"{where} has {k_out} codebooks; cannot export {k}")
+    entries = [e for e in current["shards"] if e["status"] != "pending"]
+    if not entries:
+        raise ExportError(f"{where}: no shard is done; there is nothing to export")
+    digest = data_digest(entries)
+    dest = Path(dest)
+    meta_path = dest / "meta.json"
+    if meta_path.exists():
+        existing = json.loads(meta_path.read_text())
+        if existing.get("data_digest") == digest and existing.get("num_codebooks") == k:
+            log.info("%s already holds this export; nothing to do", dest)
+            return existing
+        meta_path.unlink()  # from here on, DIR is not a finished export until the new meta.json lands
+    dest.mkdir(parents=True, exist_ok=True)
+
+    files, _ = data_files(output_url, storage_options)
+    n_clips = sum(e["rows"] for e in entries)
+    tmp = {name: dest / f".{name}.tmp" for name in FILES}
+    started = time.time()
+    offsets = np.lib.format.open_memmap(tmp["offsets.npy"], mode="w+", dtype=np.int64, shape=(n_clips + 1,))
+    offsets[0] = 0
+    row = frames = 0
+    with open(tmp["codes.u16"], "wb") as codes_out, open(tmp["ids.txt"], "w", encoding="utf-8") as ids_out:
+        for url in files:
+            parquet = open_parquet(url, storage_options)
+            if num_codebooks(parquet) != k_out:
+                raise ExportError(f"{manifest.redact(url)} has {num_codebooks(parquet)} codebooks, not {k_out}")
+            for batch in iter_codes(parquet, ids=True):
+                if row + batch.rows > n_clips:
+                    raise ExportError(f"{where}: the data files hold more rows than the manifest records; rerun "
+                                      "`mimi-tokenize run` on the output")
+                codes_out.write(np.ascontiguousarray(batch.codes[:, :k], dtype=np.uint16).tobytes())
+                offsets[row + 1: row + 1 + batch.rows] = frames + batch.offsets[1:]
+                frames += int(batch.offsets[-1])
+                row += batch.rows
+                ids_out.writelines(f"{clip_id}\n" for clip_id in batch.ids)
+        if row != n_clips:
+            raise ExportError(f"{where}: the data files hold {row} rows, the manifest {n_clips}")
+        for f in (codes_out, ids_out):
+            f.flush()
+            os.fsync(f.fileno())
+    offsets.flush()
+    del offsets
+    for name, path in tmp.items():
+        os.replace(path, dest / name)
+    meta = {
+        "format": FORMAT, "num_codebooks": k, "source_num_codebooks": k_out, "frame_rate": 12.5, "dtype": "uint16",
+        "codebook_size": 2048, "clips": n_clips, "frames": frames, "tokens": frames * k,
+        "hours": current["totals"]["hours"], "model": current["model"], "source": where,
+        "manifest_sha256": hashlib.sha256(json.dumps(current, sort_keys=True).encode()).hexdigest(),
+        "data_digest": digest, "source_status": current["status"], "order": "data files by name, rows in file order",
+    }
+    storage.atomic_write_bytes(str(meta_path), json.dumps(meta, indent=2).encode())
+    elapsed = time.time() - started
+    log.info("exported %d clips, %d frames x %d codebooks (%.1f MB) in %.1f s to %s", n_clips, frames, k,
+             frames * k * 2 / 1e6, elapsed, dest)
+    return meta
