@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.manifest import DATA_DIR, file_matches, is_done
+from pipeline.manifest import file_matches, is_done
 from pipeline.types import Shard
 
 CONTAINER_KINDS = ("webdataset", "parquet")
@@ -40,7 +40,6 @@ class Retire:
     kind: str
     uri: str
     keep: list[str]
-    rows: int  # rows in the file now
 
 
 @dataclass
@@ -96,7 +95,7 @@ def make_plan(shards: list[Shard], records: dict[str, dict[str, Any]], files: di
         else:
             gone[shard_id] = [i for i in ids if i not in listed_keys]
         uri = shard.uri if shard is not None else record["shard"]["uri"] if record else ""
-        retire.append(Retire(shard_id, kind, uri, [] if prune else gone[shard_id], len(ids)))
+        retire.append(Retire(shard_id, kind, uri, [] if prune else gone[shard_id]))
 
     pending = [s for s in shards if s.shard_id not in done]
     carry = {r.shard_id for r in retire if r.keep and r.shard_id in by_id}
@@ -122,6 +121,3 @@ def make_plan(shards: list[Shard], records: dict[str, dict[str, Any]], files: di
     }
     return Plan(shards, done, retained, pending, retire, carry, changes, warnings)
 
-
-def data_file(shard_id: str) -> str:
-    return f"{DATA_DIR}/{shard_id}.parquet"
