@@ -311,7 +311,10 @@ def resolve_source(source: str | Path, revision: str | None = None) -> Path:
 
 def load_mimi(source: str | Path = DEFAULT_REPO, *, device: str | torch.device = "cpu",
               dtype: torch.dtype = torch.float32, revision: str | None = None) -> MimiModel:
-    """Load Mimi from a Hub repo id, a local folder or a local .safetensors file (either official layout)."""
+    """Load Mimi from a Hub repo id, a local folder or a local .safetensors file (either official layout).
+
+    ``dtype`` (float16, bfloat16) casts the convolutions and transformers; the split RVQ (its projections and
+    codebooks) stays float32, and so does the nearest-code search."""
     path = resolve_source(source, revision)
     tensors = read_safetensors(path)
     layout = detect_layout(tensors)
@@ -320,7 +323,11 @@ def load_mimi(source: str | Path = DEFAULT_REPO, *, device: str | torch.device =
     model = MimiModel(infer_config(tensors, layout, hf_config))
     model.load_state_dict(from_layout(tensors, model, layout), strict=True)
     model.source, model.revision, model.weights_sha256 = str(source), revision, sha256_file(path)
-    return model.to(device=device, dtype=dtype).eval()
+    model.to(device=device)
+    for name, part in model.named_children():
+        if name != "quantizer":  # the codebooks stay float32: cast, small cluster_usage / embedding_sum underflow
+            part.to(dtype=dtype)
+    return model.eval()
 
 
 # --- random weights (tests, benchmarks, the offline demo) ----------------------------------------------

@@ -100,16 +100,19 @@ class MimiModel(nn.Module):
     def _latent(self, wav: torch.Tensor, cache: dict) -> torch.Tensor:
         """[B, n·1920, 1] → unquantized 12.5 Hz latent [B, n, C], carrying state in ``cache``.
 
-        The first SEANet levels (64 and 128 channels at 24 and 6 kHz) run on sub-chunks of about
+        On the CPU, the first SEANet levels (64 and 128 channels at 24 and 6 kHz) run on sub-chunks of about
         ``SEANET_CHUNK_SAMPLES`` samples in all, so their activations stay in the CPU caches (about twice as fast
         as one pass over the chunk); the deeper, low-rate levels run on the whole chunk, where larger matrix
-        products pay off.
+        products pay off. On other devices the whole chunk goes through at once.
         """
         B, T, _ = wav.shape
-        sub = max(1, self.SEANET_CHUNK_SAMPLES // (B * self.frame_size)) * self.frame_size
-        split = self.SEANET_SPLIT_LAYER
-        x = torch.cat([self.encoder(wav[:, s:s + sub], cache, 0, split) for s in range(0, T, sub)], dim=1)
-        x = self.encoder(x, cache, split)
+        if wav.device.type == "cpu":
+            sub = max(1, self.SEANET_CHUNK_SAMPLES // (B * self.frame_size)) * self.frame_size
+            split = self.SEANET_SPLIT_LAYER
+            x = torch.cat([self.encoder(wav[:, s:s + sub], cache, 0, split) for s in range(0, T, sub)], dim=1)
+            x = self.encoder(x, cache, split)
+        else:  # sub-chunks help CPU caches; on a GPU they only multiply kernel launches
+            x = self.encoder(wav, cache)
         return self.downsample(self.encoder_transformer(x, cache), cache)
 
     def _owned_frames(self, lengths: torch.Tensor | list[int], batch: int, T: int) -> torch.Tensor:
@@ -128,7 +131,8 @@ class MimiModel(nn.Module):
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.config.bins):
             raise ValueError(f"codes must be in [0, {self.config.bins}); -1 marks padding frames, trim them first")
         codes = codes.to(next(self.parameters()).device).long()
-        latent = self.upsample(self.quantizer.decode(codes).transpose(1, 2)).transpose(1, 2)  # [B, 2F, C]
+        latent = self.quantizer.decode(codes).to(self.upsample.weight.dtype)  # the quantizer is float32
+        latent = self.upsample(latent.transpose(1, 2)).transpose(1, 2)  # [B, 2F, C]
         return self.decoder(self.decoder_transformer(latent)).transpose(1, 2)
 
 

@@ -87,6 +87,13 @@ def shard_items(shard: Shard, settings: DecodeSettings) -> list[tuple[str, str]]
     return list_items(shard, storage_options=settings.storage_options)
 
 
+def allow_tf32(on: bool) -> None:
+    """TF32 for CUDA matrix products and convolutions (a function of the module: Ray pickles the actor class by
+    value, and cannot pickle torch.backends.cudnn)."""
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
 class WorkerDied(RuntimeError):
     """A decode task's worker died (or stalled and was cancelled): restart it, or isolate its clips."""
 
@@ -114,6 +121,8 @@ class ShardEncoder:
         self.device = "cuda" if settings.device != "cpu" and torch.cuda.is_available() else "cpu"
         if settings.device == "cuda" and self.device != "cuda":
             raise RunError("device is 'cuda' but CUDA is not available to the encoder")
+        if self.device == "cuda":  # exact mode keeps TF32 off (float32 codes are the reference); fast mode allows it
+            allow_tf32(settings.dtype != "float32")
         if self.device == "cpu":
             # Ray pins a 1-CPU actor to one thread; a CPU encoder may use its share of the node's cores, alongside
             # the decode tasks (the thread count does not change the codes: tests/test_mimi_model.py).

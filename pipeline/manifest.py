@@ -84,9 +84,12 @@ def make_run(config: dict[str, Any], model: dict[str, Any], num_codebooks: int,
     model_record = {k: model.get(k) for k in ("source", "revision", "sha256")}
     if model.get("untrained"):
         model_record.update(untrained=True, note=UNTRAINED_NOTE)
+    dtype = config.get("dtype", "float32")
     return {
         "config": redact(config),
         "model": model_record,
+        # exact mode: float32 with TF32 off (the reference codes); fast mode: half precision, TF32 on (on CUDA)
+        "precision": {"mode": "exact" if dtype == "float32" else "fast", "dtype": dtype, "tf32": dtype != "float32"},
         "num_codebooks": num_codebooks,
         "schema_version": SCHEMA_VERSION,
         "created": _iso(time.time() if created is None else created),
@@ -249,6 +252,7 @@ def build_manifest(output_url: str, run: dict[str, Any], shards: list[Shard], do
         "schema_version": run["schema_version"],
         "num_codebooks": run["num_codebooks"],
         "model": run["model"],
+        "precision": run.get("precision"),
         "config": redact(run["config"]),
         "run_created": run["created"],
         "software": _software_versions(),

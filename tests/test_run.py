@@ -68,6 +68,7 @@ def test_end_to_end(corpus, tiny_model_path, tmp_path, caplog, capsys):
     assert final["status"] == "complete" and final["totals"]["shards"] == len(discover_shards(str(corpus),
                                                                                              files_per_shard=3))
     assert (final["totals"]["clips"], final["totals"]["failed_clips"]) == (9, 2)
+    assert final["precision"] == {"mode": "exact", "dtype": "float32", "tf32": False}
     failures = [f for s in manifest.load_done(out).values() for f in s["failures"]]
     assert sorted((f["clip_id"], f["stage"], f["error_class"]) for f in failures) == [
         ("set0/corrupt.wav", "decode", "DecodeError"), ("set1/empty.flac", "read", "ValueError")]
