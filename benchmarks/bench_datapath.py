@@ -65,8 +65,8 @@ def encoded(name: str, samples: np.ndarray, rate: int) -> bytes:
 def header(title: str) -> str:
     import torch
 
-    return (f"**{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC** · {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} cores · torch {torch.__version__} · `python benchmarks/bench_datapath.py "
+    machine = platform.processor() or platform.machine()
+    return (f"**{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC** · {machine}, {os.cpu_count()} cores · torch {torch.__version__} · `python benchmarks/bench_datapath.py "
             f"{' '.join(sys.argv[1:])}`\n\n{title}\n")
 
 

@@ -128,7 +128,8 @@ class ShardEncoding:
             if stream.encoder.samples != piece.start:
                 raise RuntimeError(f"clip {info.clip_id}: piece at sample {piece.start}, expected "
                                    f"{stream.encoder.samples}")
-            stream.codes.append(stream.encoder.push(torch.from_numpy(_writable(piece.audio))).cpu().numpy().astype(np.int16))
+            pushed = stream.encoder.push(torch.from_numpy(_writable(piece.audio)))
+            stream.codes.append(pushed.cpu().numpy().astype(np.int16))
             if not piece.final:
                 return []
             stream.codes.append(stream.encoder.finish().cpu().numpy().astype(np.int16))

@@ -42,6 +42,7 @@ from pipeline.encode import EncoderBroken, ShardEncoding
 from pipeline.model_files import ModelFiles, RunError
 from pipeline.prepare import iter_parts
 from pipeline.sources import list_items
+from pipeline.sources.common import FETCH_AHEAD_BYTES
 from pipeline.types import SAMPLE_RATE, ClipFailure, Part, Shard
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,6 @@ class DecodeSettings:
 
     def task_memory(self) -> int:
         """Bytes a decode task may hold: the part being built and one moving on, the reads ahead, the decoder."""
-        from pipeline.sources.common import FETCH_AHEAD_BYTES
-
         return 2 * self.part_bytes + FETCH_AHEAD_BYTES + 128 * 2**20
 
 
@@ -180,8 +179,13 @@ class ShardEncoder:
 
     def _encode_isolated(self, shard: Shard) -> ShardEncoding:
         """Decode each clip in a task of its own, so a clip that kills its worker fails alone (stage ``crash``)."""
-        items = ray.get(shard_items.options(num_cpus=1, max_retries=self.settings.shard_retries).remote(
-            shard, self.decode))
+        listing = shard_items.options(num_cpus=1, max_retries=self.settings.shard_retries).remote(shard, self.decode)
+        try:
+            items = ray.get(listing, timeout=self.settings.stall_timeout_s)
+        except GetTimeoutError as exc:
+            ray.cancel(listing, force=True)
+            raise TimeoutError(f"listing the clips of shard {shard.shard_id} took over "
+                               f"{self.settings.stall_timeout_s:.0f} s (stall_timeout_s)") from exc
         result = self._new_encoding()
         started = {i: self._start(shard, i) for i in range(min(ISOLATION_WINDOW, len(items)))}
         try:

@@ -1,6 +1,7 @@
 """Memory that does not grow with clip length: a whole run (driver, Ray, workers, object store; summed PSS) on two
 8-minute clips peaks where the same run on two 1-minute clips does, because clips are decoded, resampled and encoded
-as streams, in parts of part_seconds (30 s here, so that the 1-minute clips are streamed too). A tiny file that decodes to hours of silence stops at max_clip_seconds as a recorded failure.
+as streams, in parts of part_seconds (30 s here, so that the 1-minute clips are streamed too). A tiny file that
+decodes to hours of silence stops at max_clip_seconds as a recorded failure.
 (The two-hour case is measured by benchmarks/bench_longform.py.)"""
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def test_long_clips_do_not_grow_the_run(tmp_path, tiny_model_path, capsys):
         table = pq.read_table(tmp_path / f"{name}-out" / "data")
         frames[name] = dict(zip(table.column("id").to_pylist(), table.column("n_frames").to_pylist()))
     with capsys.disabled():
-        print(f"\n[run peak PSS] 2 x 1 min: {peaks['short'] / 2**20:.0f} MiB, 2 x 8 min: {peaks['long'] / 2**20:.0f} MiB")
+        print(f"\n[run peak PSS] 2 x 1 min: {peaks['short'] / 2**20:.0f} MiB, "
+              f"2 x 8 min: {peaks['long'] / 2**20:.0f} MiB")
     assert frames["long"]["a.flac"] == 480 * 12.5 and abs(frames["long"]["b.mp3"] - 487.3 * 12.5) <= 2
     # held whole, the two long clips would add ~1 GB (48 kHz stereo float32 when decoded, 24 kHz mono after)
     assert peaks["long"] - peaks["short"] < 120 * 2**20
