@@ -2,7 +2,7 @@
 8-minute clips peaks where the same run on two 1-minute clips does, because clips are decoded, resampled and encoded
 as streams, in parts of part_seconds (30 s here, so that the 1-minute clips are streamed too). A tiny file that
 decodes to hours of silence stops at max_clip_seconds as a recorded failure.
-(The two-hour case is measured by benchmarks/bench_longform.py.)"""
+(The two-hour case is measured by `benchmarks/bench_datapath.py longform`.)"""
 
 from __future__ import annotations
 
