@@ -55,9 +55,9 @@ class Plan:
 
 
 def make_plan(shards: list[Shard], records: dict[str, dict[str, Any]], files: dict[str, int], *, prune: bool,
-              read_ids: Callable[[str], list[str]]) -> Plan:
-    """The plan for ``shards`` given the output's ``records`` and data ``files`` (name → size); ``read_ids(shard_id)``
-    returns the clip ids in that shard's data file (called for stale files only)."""
+              read_ids: Callable[[list[str]], dict[str, list[str]]]) -> Plan:
+    """The plan for ``shards`` given the output's ``records`` and data ``files`` (name → size); ``read_ids(shard_ids)``
+    returns the clip ids in those shards' data files (called once, for the stale files)."""
     by_id = {s.shard_id: s for s in shards}
     kind = shards[0].kind if shards else "files"
     listed_keys = {m.key for s in shards for m in s.members}
@@ -80,12 +80,11 @@ def make_plan(shards: list[Shard], records: dict[str, dict[str, Any]], files: di
     gone: dict[str, list[str]] = {}
     stale_ids: set[str] = set()
     retire = []
+    ids_of = read_ids([s for s in stale if f"{s}.parquet" in files]) if stale else {}
     for shard_id in stale:
         record, shard = records.get(shard_id), by_id.get(shard_id)
-        if f"{shard_id}.parquet" in files:
-            ids = read_ids(shard_id)
-        else:
-            ids = []
+        ids = ids_of.get(shard_id, [])
+        if f"{shard_id}.parquet" not in files:
             if record is not None and record.get("rows"):
                 warnings.append(f"shard {shard_id}: its data file is missing; its {record['rows']} row(s) cannot be "
                                 "kept if their inputs are gone (the others are encoded again)")

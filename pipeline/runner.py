@@ -137,22 +137,23 @@ def _maintenance(output: Output, policy: retry.RetryPolicy, method: str, *args: 
 
 
 def _run_steps(output: Output, what: str, calls: list[tuple[str, str, tuple]], periodic: Callable[[], None]
-               ) -> dict[str, str]:
-    """Run ``(shard id, method, args)`` commit steps as Ray tasks; return the shards whose step failed, with why."""
+               ) -> tuple[dict[str, Any], dict[str, str]]:
+    """Run ``(shard id, method, args)`` commit steps as Ray tasks; return their results (the records they wrote, or
+    None for a deletion) and the shards whose step failed, with why."""
     if not calls:
-        return {}
+        return {}, {}
     log.info("%s: %d file(s)", what, len(calls))
     policy = retry.policy()
     refs = {_maintenance.options(num_cpus=1, memory=MAINTENANCE_MEMORY, name=f"{method}:{shard_id}").remote(
                 output, policy, method, *args):
             shard_id for shard_id, method, args in calls}
-    errors, waited = {}, 0.0
+    results, errors, waited = {}, {}, 0.0
     while refs:
         finished, _ = ray.wait(list(refs), num_returns=len(refs), timeout=1.0)
         for ref in finished:
             shard_id = refs.pop(ref)
             try:
-                ray.get(ref)
+                results[shard_id] = ray.get(ref)
             except ray.exceptions.RayError as exc:
                 errors[shard_id] = f"{what} failed: {retry.brief(exc)}"
                 log.error("%s: shard %s: %s", what, shard_id, retry.brief(exc))
@@ -160,7 +161,7 @@ def _run_steps(output: Output, what: str, calls: list[tuple[str, str, tuple]], p
         if waited and waited % 60 == 0:
             log.info("%s: waiting for %d file(s) (%.0f s)", what, len(refs), waited)
         periodic()
-    return errors
+    return results, errors
 
 
 # --- the run -----------------------------------------------------------------------------------------------------
@@ -224,9 +225,10 @@ def _encode(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output,
         pool.shutdown()
 
 
-def _unify_schema(cfg: RunConfig, output: Output, periodic: Callable[[], None]) -> dict[str, str]:
-    """At commit: bring every file to the union of the metadata schemas (WebDataset inputs, or types that grew)."""
-    done = manifest.load_done(cfg.output, cfg.output_options())
+def _unify_schema(cfg: RunConfig, output: Output, done: dict[str, dict], periodic: Callable[[], None]
+                  ) -> dict[str, str]:
+    """At commit: bring every file of ``done`` (the valid records, updated here) to the union of the metadata
+    schemas (WebDataset inputs, or types that grew); return the files that could not be rewritten."""
     url = join(cfg.output, output_schema.SCHEMA_PATH)
     try:
         stored = [output_schema.from_json(storage.read_json(url, cfg.output_options()))]
@@ -238,7 +240,9 @@ def _unify_schema(cfg: RunConfig, output: Output, periodic: Callable[[], None]) 
         storage.write_json(url, output_schema.to_json(target), cfg.output_options())
     calls = [(shard_id, "conform", (done[shard_id], target)) for shard_id, s in schemas.items()
              if not s.equals(target, check_metadata=True)]
-    return _run_steps(output, "unifying the metadata columns", calls, periodic)
+    rewritten, errors = _run_steps(output, "unifying the metadata columns", calls, periodic)
+    done.update(rewritten)
+    return errors
 
 
 def run(cfg: RunConfig) -> int:
@@ -306,15 +310,16 @@ def _work(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, s
         progress()
 
     with _ray_session(cfg):
-        errors = _run_steps(output, "retiring files the listing no longer matches",
-                            [(r.shard_id, "retire", (r,)) for r in plan.retire], periodic)
+        _, errors = _run_steps(output, "retiring files the listing no longer matches",
+                               [(r.shard_id, "retire", (r,)) for r in plan.retire], periodic)
         if errors:  # encoding now could write a clip that a stale file still holds: stop here
             log.error("%d stale file(s) could not be retired; nothing is encoded this run", len(errors))
         elif plan.pending:
             errors = _encode(cfg, plan, model_files, output, schema, done, periodic)
-        errors.update(_unify_schema(cfg, output, periodic))
-    final = manifest.build_manifest(cfg.output, run_record, plan.shards, manifest.load_done(cfg.output, options),
-                                    started=session_start, finished=time.time(), changes=plan.changes)
+        records = manifest.load_done(cfg.output, options)  # what storage holds now: the one truth for the manifest
+        errors.update(_unify_schema(cfg, output, records, periodic))
+    final = manifest.build_manifest(cfg.output, run_record, plan.shards, records, started=session_start,
+                                    finished=time.time(), changes=plan.changes)
     if errors:
         final["shard_errors"] = errors
     manifest.write_manifest(cfg.output, final, options)

@@ -191,7 +191,7 @@ def test_million_row_manifest_is_read_once(tmp_path):
     listed = time.perf_counter()
     schema = infer((json.loads(m.row) for s in shards for m in s.members), "big.jsonl")
     typed = time.perf_counter()
-    plan = make_plan(shards, {}, {}, prune=False, read_ids=lambda shard_id: [])
+    plan = make_plan(shards, {}, {}, prune=False, read_ids=lambda shard_ids: {})
     planned = time.perf_counter()
     print(f"\n[1M-row manifest] list+read+shard {listed - start:.1f} s, schema {typed - listed:.1f} s, "
           f"plan {planned - typed:.1f} s, {len(shards)} shards")
