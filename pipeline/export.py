@@ -95,7 +95,7 @@ def export(output_url: str, dest: str | Path, *, num_codebooks_out: int | None =
             parquet = open_parquet(url, storage_options)
             if num_codebooks(parquet) != k_out:
                 raise ExportError(f"{manifest.redact(url)} has {num_codebooks(parquet)} codebooks, not {k_out}")
-            for batch in iter_codes(parquet, ids=True):
+            for batch in iter_codes(parquet):
                 if row + batch.rows > n_clips:
                     raise ExportError(f"{where}: the data files hold more rows than the manifest records; rerun "
                                       "`mimi-tokenize run` on the output")

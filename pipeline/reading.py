@@ -22,11 +22,11 @@ from pipeline import manifest, retry, storage
 @dataclass
 class CodesBatch:
     """Rows of one row group: ``codes`` int16 ``[frames, K]`` (all rows' frames, concatenated), ``offsets`` int64
-    ``[rows + 1]`` (row i is ``codes[offsets[i]:offsets[i + 1]]``), and the rows' ids when asked for."""
+    ``[rows + 1]`` (row i is ``codes[offsets[i]:offsets[i + 1]]``), and the rows' ids."""
 
     codes: np.ndarray
     offsets: np.ndarray
-    ids: list[str] | None = None
+    ids: list[str]
 
     @property
     def rows(self) -> int:
@@ -69,11 +69,9 @@ def flatten(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]
     return flat.reshape(-1, k), offsets - offsets[0]
 
 
-def iter_codes(parquet: pq.ParquetFile, *, ids: bool = False, row_groups: list[int] | None = None
-               ) -> Iterator[CodesBatch]:
-    """The file's rows, one :class:`CodesBatch` per row group (``row_groups``: only those)."""
-    columns = ["codes", "id"] if ids else ["codes"]
-    for group in range(parquet.metadata.num_row_groups) if row_groups is None else row_groups:
-        table = parquet.read_row_group(group, columns=columns)
+def iter_codes(parquet: pq.ParquetFile) -> Iterator[CodesBatch]:
+    """The file's rows with their ids, one :class:`CodesBatch` per row group."""
+    for group in range(parquet.metadata.num_row_groups):
+        table = parquet.read_row_group(group, columns=["codes", "id"])
         codes, offsets = flatten(table.column("codes"))
-        yield CodesBatch(codes, offsets, table.column("id").to_pylist() if ids else None)
+        yield CodesBatch(codes, offsets, table.column("id").to_pylist())
