@@ -48,7 +48,7 @@ def synthetic_output(root: Path, clips: int, k: int) -> None:
                                     rng.integers(0, 2048, (k, frames), dtype=np.int16), frames * 1920))
         result = write_shard(str(root / manifest.shard_file(shard.shard_id)), rows, num_codebooks=k,
                              file_metadata={})
-        done[shard.shard_id] = manifest.write_done_record(str(root), shard, result, [], started=time.time(),
+        done[shard.shard_id] = manifest.write_record(str(root), shard, result, [], started=time.time(),
                                                           finished=time.time(), attempt=1)
         shards.append(shard)
     run = manifest.make_run({}, {"source": "synthetic", "revision": None, "sha256": "0" * 64}, k)

@@ -19,7 +19,7 @@ from pipeline import manifest
 from pipeline.config import ConfigError, RunConfig, load_config
 from pipeline.retry import StorageUnavailable
 from pipeline.runner import RunError, run
-from pipeline.storage import OutputLockedError
+from pipeline.lock import OutputLockedError
 
 EXPECTED_ERRORS = (ConfigError, RunError, OutputLockedError, manifest.IncompatibleOutputError, CheckpointError)
 

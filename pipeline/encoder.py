@@ -135,8 +135,9 @@ class ShardEncoder:
         return {"device": self.device, "gpu_ids": [str(i) for i in ray.get_gpu_ids()], "pid": os.getpid(),
                 "node": self.node}
 
-    def process(self, shard: Shard, *, attempt: int, carry: bool, schema: dict[str, Any] | None) -> dict[str, Any]:
-        """Decode, encode and commit ``shard``; return its done record."""
+    def process(self, shard: Shard, *, attempt: int, kept: tuple[str, ...], schema: dict[str, Any] | None
+                ) -> dict[str, Any]:
+        """Decode, encode and commit ``shard`` (with the rows ``kept`` from its retired file); return its record."""
         if self.broken:
             raise EncoderBroken(self.broken)
         started = time.time()
@@ -146,7 +147,7 @@ class ShardEncoder:
             self.broken = str(exc)
             raise
         return self.output.commit(shard, encoding.rows, encoding.failures,
-                                  schema=None if schema is None else output_schema.from_json(schema), carry=carry,
+                                  schema=None if schema is None else output_schema.from_json(schema), kept=kept,
                                   started=started, attempt=attempt)
 
     def _new_encoding(self) -> ShardEncoding:

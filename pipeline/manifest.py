@@ -6,7 +6,7 @@ Layout at the output root::
     _state/shards/{shard_id}.json  done record, written only after the shard's Parquet file is committed
     _state/run.json                run identity: config snapshot, model provenance, K, schema version
     _state/schema.json             the metadata columns' types, one for the whole output (pipeline.schema)
-    _state/lock.json               run lock (pipeline.storage.RunLock)
+    _state/lock.json               run lock and its epochs (pipeline.lock.RunLock)
     manifest.json                  human/machine summary of the whole output, rewritten as the run goes
 
 A record's ``status`` is ``done`` (the shard of the listing whose ``digest`` it names) or ``retained`` (rows of
@@ -29,6 +29,7 @@ from typing import Any
 
 from pipeline import schema as output_schema
 from pipeline import storage
+from pipeline.lock import LOCK_PATH
 from pipeline.types import ClipFailure, Shard
 from pipeline.writer import SCHEMA_VERSION, ShardWriteResult
 
@@ -130,19 +131,22 @@ def record_url(output_url: str, shard_id: str) -> str:
     return storage.join(output_url, SHARDS_STATE_DIR, f"{shard_id}.json")
 
 
-def write_done_record(output_url: str, shard: Shard, result: ShardWriteResult, failures: list[ClipFailure], *,
-                      started: float, finished: float, attempt: int, status: str = "done",
-                      kept_ids: list[str] | None = None, storage_options: dict[str, Any] | None = None
-                      ) -> dict[str, Any]:
+def write_record(output_url: str, shard: Shard, result: ShardWriteResult, failures: list[ClipFailure], *,
+                 started: float, finished: float, attempt: int, status: str = "done",
+                 kept_ids: list[str] | None = None, writer: tuple[str, int] | None = None,
+                 storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Record ``shard``'s file in ``_state/shards/{shard_id}.json``; call only after its Parquet file is committed.
 
-    ``status`` is ``done``, or ``retained`` for a file that holds only rows of gone inputs; ``kept_ids`` are the clip
+    ``status`` is ``done``; ``partial`` for a shard whose tar or Parquet input could not be read to its end (its rows
+    are written, but it is not done: the next run redoes it); or ``retained`` for a file that holds only rows of gone
+    inputs. ``kept_ids`` are the clip
     ids of such rows in the file (carried over into a done shard, or all of a retained file's). ``started`` /
-    ``finished`` are unix times; ``attempt`` counts from 1. Returns the record.
+    ``finished`` are unix times; ``attempt`` counts from 1; ``writer`` is the run id and lock epoch of the run that
+    writes it (see :func:`load_records`). Returns the record.
     """
     record = {
         "shard": {"shard_id": shard.shard_id, "kind": shard.kind, "uri": shard.uri,
-                  "digest": shard.digest if status == "done" else None},
+                  "digest": shard.digest if status != "retained" else None},
         "status": status,
         "file": shard_file(shard.shard_id),
         "rows": result.rows,
@@ -159,6 +163,7 @@ def write_done_record(output_url: str, shard: Shard, result: ShardWriteResult, f
         "finished": _iso(finished),
         "attempt": attempt,
         "kept_ids": kept_ids or [],
+        **({"run_id": writer[0], "epoch": writer[1]} if writer else {}),
     }
     storage.write_json(record_url(output_url, shard.shard_id), record, storage_options)
     return record
@@ -166,10 +171,45 @@ def write_done_record(output_url: str, shard: Shard, result: ShardWriteResult, f
 
 def load_records(output_url: str, storage_options: dict[str, Any] | None = None
                  ) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
-    """Every record by shard id (valid or not), and the data files by name with their sizes."""
-    records = storage.read_json_files(storage.join(output_url, SHARDS_STATE_DIR), storage_options)
-    files = storage.list_files(storage.join(output_url, DATA_DIR), storage_options)
-    return {r["shard"]["shard_id"]: r for r in records.values()}, files
+    """Every record by shard id, and the data files by name with their sizes.
+
+    A record written out of order is left out, as if it had never been written (its file is then stale, and redone):
+    one older than its data file (a write of the file after its record: a commit that died after its first write,
+    or a displaced run's late write), or one written by a run after a later run had taken the output's lock (its
+    epoch's successor began before it; both times by the store's clock)."""
+    state, data = storage.join(output_url, SHARDS_STATE_DIR), storage.join(output_url, DATA_DIR)
+    listed = storage.list_files_dated(state, storage_options)
+    records = storage.read_json_files(state, storage_options, [n for n in listed if n.endswith(".json")])
+    files = storage.list_files_dated(data, storage_options)
+    try:
+        history = storage.read_json(storage.join(output_url, LOCK_PATH), storage_options).get("history", [])
+    except FileNotFoundError:
+        history = []
+    valid = {}
+    for name, record in records.items():
+        why = _out_of_order(record, listed[name][1], files.get(record["file"].rsplit("/", 1)[-1], (0, None))[1],
+                            history)
+        if why:
+            log.warning("shard %s: its record is not trusted (%s); the shard will be redone",
+                        record["shard"]["shard_id"], why)
+            continue
+        valid[record["shard"]["shard_id"]] = record
+    return valid, {name: size for name, (size, _) in files.items()}
+
+
+def _out_of_order(record: dict[str, Any], record_time: float | None, file_time: float | None,
+                  history: list[dict[str, Any]]) -> str | None:
+    if record_time is None:
+        return None
+    if file_time is not None and file_time > record_time:
+        return "its data file was written after it"
+    epoch = record.get("epoch")
+    later = [h for h in history if epoch is not None and h.get("epoch", 0) > epoch and h.get("began") is not None]
+    if later and record_time >= min(later, key=lambda h: h["epoch"])["began"]:
+        successor = min(later, key=lambda h: h["epoch"])
+        return (f"run {record.get('run_id')!r} (epoch {epoch}) wrote it after run {successor.get('run_id')!r} "
+                f"(epoch {successor['epoch']}) had taken the output's lock over")
+    return None
 
 
 def file_matches(record: dict[str, Any], files: dict[str, int]) -> bool:
@@ -206,6 +246,11 @@ def is_done(record: dict[str, Any] | None, shard: Shard) -> bool:
     return record is not None and record.get("status") == "done" and record["shard"].get("digest") == shard.digest
 
 
+def is_partial(record: dict[str, Any] | None, shard: Shard) -> bool:
+    """Whether ``record`` holds the rows of ``shard`` (same digest) read before its container's damage."""
+    return record is not None and record.get("status") == "partial" and record["shard"].get("digest") == shard.digest
+
+
 def build_manifest(output_url: str, run: dict[str, Any], shards: list[Shard], done: dict[str, dict[str, Any]], *,
                    started: float, finished: float | None = None,
                    changes: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -226,7 +271,7 @@ def build_manifest(output_url: str, run: dict[str, Any], shards: list[Shard], do
     for shard, record in [*((s, done.get(s.shard_id)) for s in shards), *((None, r) for r in retained)]:
         if shard is not None:
             entry: dict[str, Any] = {"shard_id": shard.shard_id, "kind": shard.kind, "uri": shard.uri}
-            if not is_done(record, shard):
+            if not (is_done(record, shard) or is_partial(record, shard)):
                 entries.append({**entry, "status": "pending"})
                 continue
         else:
@@ -241,6 +286,7 @@ def build_manifest(output_url: str, run: dict[str, Any], shards: list[Shard], do
     written = [e for e in entries if e["status"] != "pending"]
     frames = sum(e["frames"] for e in written)
     shards_done = sum(e["status"] == "done" for e in entries)
+    partial = sum(e["status"] == "partial" for e in entries)
     remaining = len(shards) - shards_done
     if finished is not None:
         status = "complete" if remaining == 0 else "incomplete"
@@ -259,6 +305,7 @@ def build_manifest(output_url: str, run: dict[str, Any], shards: list[Shard], do
         "totals": {
             "shards": len(shards),
             "shards_done": shards_done,
+            "partial_shards": partial,
             "retained_files": len(retained),
             "clips": sum(e["rows"] for e in written),
             "kept_clips": sum(e["carried"] for e in written),

@@ -12,7 +12,8 @@ file, and loses no row without being asked:
   delete raw audio after tokenizing it; its tokens are kept until ``--prune`` asks otherwise. After this step no
   file holds a clip of the listing except the done shards that own it;
 * the listing's shards that are not done are encoded; a shard whose own file was retired carries its retained rows
-  over into its new file.
+  over into its new file: exactly the ids decided here (:attr:`Plan.kept`), so a commit retried after a first attempt
+  wrote its file but not its record writes the same file again, never the new rows twice.
 
 Every step writes the file first and its record second, and every decision is re-derived from storage on the next
 run, so a run killed at any step leaves an output that the next run completes, with each clip once. A file without a
@@ -49,7 +50,8 @@ class Plan:
     retained: dict[str, dict[str, Any]]  # shard id → record: retained rows that stay as they are
     pending: list[Shard]  # to encode
     retire: list[Retire]  # to rewrite or delete before encoding
-    carry: set[str] = field(default_factory=set)  # pending shards whose retired file's rows go into their new file
+    kept: dict[str, list[str]] = field(default_factory=dict)  # pending shard id → the ids of its retired file's rows
+    # (inputs gone from the listing) that go into its new file: decided here, shipped with the job, never re-derived
     changes: dict[str, Any] = field(default_factory=dict)  # for the manifest and `status`
     warnings: list[str] = field(default_factory=list)
 
@@ -97,7 +99,7 @@ def make_plan(shards: list[Shard], records: dict[str, dict[str, Any]], files: di
         retire.append(Retire(shard_id, kind, uri, [] if prune else gone[shard_id]))
 
     pending = [s for s in shards if s.shard_id not in done]
-    carry = {r.shard_id for r in retire if r.keep and r.shard_id in by_id}
+    kept = {r.shard_id: r.keep for r in retire if r.keep and r.shard_id in by_id}
     pending_keys = {m.key for s in pending for m in s.members}
     gone_ids = {i for ids in gone.values() for i in ids}
     old_records = {s for s in stale if s in records}
@@ -118,5 +120,5 @@ def make_plan(shards: list[Shard], records: dict[str, dict[str, Any]], files: di
         },
         "prune": prune,
     }
-    return Plan(shards, done, retained, pending, retire, carry, changes, warnings)
+    return Plan(shards, done, retained, pending, retire, kept, changes, warnings)
 

@@ -44,6 +44,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from mimi.checkpoint import sha256_file
 from pipeline import manifest, storage
+from pipeline.lock import LOCK_PATH, is_live
 from pipeline.writer import CODEBOOK_SIZE, CORE_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,6 @@ DEFAULT_LICENSE = "unknown"
 TAGS = ["audio", "mimi", "tokenized-audio", "audio-tokens", "neural-audio-codec", "mimi-tokenize"]
 TASK_CATEGORIES = ["audio-to-audio", "text-to-speech"]
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-_LOCK_FRESH_S = 120.0
 COMMIT_MAX_FILES = 100
 COMMIT_MAX_BYTES = 20 * 2**30
 
@@ -95,10 +95,10 @@ def check_publishable(output_url: str, current: dict[str, Any], done: dict[str, 
     not be published (see the module docstring)."""
     where = manifest.redact(output_url)
     try:
-        lock = storage.read_json(storage.join(output_url, storage.LOCK_PATH), storage_options)
+        lock = storage.read_json(storage.join(output_url, LOCK_PATH), storage_options)
     except FileNotFoundError:
         lock = None
-    if lock is not None and time.time() - lock.get("heartbeat", 0) < _LOCK_FRESH_S:
+    if is_live(lock):
         raise PublishError(f"{where} is being written by run {lock.get('run_id')!r} on host {lock.get('host')} "
                            f"(heartbeat {time.time() - lock['heartbeat']:.0f} s ago); publish it once the run ends")
     entries = current["shards"]  # the listing's shards, then the files retained for inputs that are gone
@@ -271,7 +271,7 @@ def _fmt_failures(failed_by_class: dict[str, int]) -> str:
 
 def shard_counts(current: dict[str, Any]) -> tuple[int, int]:
     """(done, all) shards of the listing, from the manifest's entries (retained files are not shards of it)."""
-    listing = [e for e in current["shards"] if e["status"] in ("done", "pending")]
+    listing = [e for e in current["shards"] if e["status"] in ("done", "partial", "pending")]
     return sum(e["status"] == "done" for e in listing), len(listing)
 
 

@@ -20,7 +20,9 @@ import logging
 import random
 import threading
 import time
+import dataclasses
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -60,6 +62,7 @@ class RetryPolicy:
 
 
 _policy = RetryPolicy()
+_local = threading.local()  # a thread's own, shorter window (see window())
 _last_warning: dict[str, float] = {}
 _warning_lock = threading.Lock()
 
@@ -74,7 +77,19 @@ def policy() -> RetryPolicy:
     return _policy
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+@contextmanager
+def window(seconds: float) -> Iterator[None]:
+    """Within the block, this thread's calls retry for at most ``seconds`` (a lease renewal that must not outlast
+    its lease), other threads keep the process's policy."""
+    previous = getattr(_local, "policy", None)
+    _local.policy = dataclasses.replace(previous or _policy, outage_s=min(seconds, (previous or _policy).outage_s))
+    try:
+        yield
+    finally:
+        _local.policy = previous
+
+
+def chain(exc: BaseException) -> Iterator[BaseException]:
     """``exc``, then its causes: ``__cause__`` / ``__context__`` and Ray's ``cause`` (a task's own error)."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen and len(seen) < 16:
@@ -85,12 +100,12 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 def is_cuda_error(exc: BaseException) -> bool:
     """A CUDA failure (out of memory included); a non-OOM one can leave the device unusable (sticky)."""
-    return any(isinstance(e, RuntimeError) and any(m in str(e) for m in _CUDA_MARKERS) for e in _chain(exc))
+    return any(isinstance(e, RuntimeError) and any(m in str(e) for m in _CUDA_MARKERS) for e in chain(exc))
 
 
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` (or what caused it) says "not now" rather than "never" (see the module docstring)."""
-    for e in _chain(exc):
+    for e in chain(exc):
         if isinstance(e, StorageUnavailable | MemoryError | ConnectionError | TimeoutError):
             return True
         if isinstance(e, FileNotFoundError | IsADirectoryError | NotADirectoryError | ValueError):
@@ -126,7 +141,7 @@ def call(fn: Callable[..., T], *args: Any, what: str, retry: RetryPolicy | None 
     """``fn(*args, **kwargs)``, retrying transient errors (see :func:`is_transient`) with backoff and jitter for up
     to the policy's ``outage_s``; then :class:`StorageUnavailable`. Permanent errors are raised at once.
     ``what`` names the operation in log lines and errors (never put credentials in it)."""
-    p = retry or _policy
+    p = retry or getattr(_local, "policy", None) or _policy
     start, attempt = time.monotonic(), 0
     while True:
         try:

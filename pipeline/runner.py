@@ -32,12 +32,12 @@ from pipeline.plan import Plan, make_plan
 from pipeline.scheduler import EncoderPool, Job, Scheduler
 from pipeline.sources import discover_shards
 from pipeline.sources.parquet import metadata_schema as parquet_metadata_schema
-from pipeline.storage import RunLock, join
+from pipeline.lock import RunLock
+from pipeline.storage import join
 from pipeline.types import Shard
 
 log = logging.getLogger(__name__)
 
-LOCK_REFRESH_S = 30.0  # RunLock heartbeat period (its stale_after_s is 120 s)
 ENCODER_MEMORY = 3 * 2**30  # host memory an encoder actor declares (model, batch activations, its shards' codes)
 MAINTENANCE_MEMORY = 2**30  # a retire / conform task holds one shard file's table (codes and metadata)
 # settings that change which clips a shard holds, or their codes
@@ -209,14 +209,14 @@ def _encode(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output,
     schema_json = None if schema is None else output_schema.to_json(schema)
 
     def submit(encoder, job: Job):
-        return encoder.handle.process.remote(job.shard, attempt=job.attempt, carry=job.carry, schema=schema_json)
+        return encoder.handle.process.remote(job.shard, attempt=job.attempt, kept=job.kept, schema=schema_json)
 
     def on_done(record: dict[str, Any]) -> None:
         done[record["shard"]["shard_id"]] = record
 
     log.info("%d shard(s) to encode on %d encoder(s) (%s), %d decode task(s) each", len(plan.pending), expected,
              "GPU" if use_gpus else "CPU", slots)
-    scheduler = Scheduler(pool, [Job(s, s.shard_id in plan.carry) for s in plan.pending], submit=submit,
+    scheduler = Scheduler(pool, [Job(s, tuple(plan.kept.get(s.shard_id, ()))) for s in plan.pending], submit=submit,
                           on_done=on_done, shard_retries=cfg.shard_retries, encoder_wait_s=cfg.encoder_wait_s,
                           wait_log_s=cfg.progress_interval_s)
     try:
@@ -262,15 +262,15 @@ def run(cfg: RunConfig) -> int:
         log.warning("model %s holds UNTRAINED generated weights: the codes carry no meaning (for trying the "
                     "pipeline only); the manifest records model.untrained = true", model_files.source)
     options = cfg.output_options()
-    lock = RunLock(cfg.output, run_id=uuid.uuid4().hex[:12], storage_options=options)
+    lock = RunLock(cfg.output, run_id=uuid.uuid4().hex[:12], storage_options=options, lease_s=cfg.lock_lease_s)
     lock.acquire(wait_s=cfg.lock_wait_s)
-    lock.start_heartbeat(LOCK_REFRESH_S)
+    lock.start_heartbeat()
     try:
         run_record = _init_run(cfg, model_files)
         shards = _discover(cfg)
         lock.check()
         schema = _decide_schema(cfg, shards)
-        output = Output(cfg.output, cfg.num_codebooks, model_files.file_metadata(), options)
+        output = Output(cfg.output, cfg.num_codebooks, model_files.file_metadata(), options, lock.fence())
         records, files = manifest.load_records(cfg.output, options)
         plan = make_plan(shards, records, files, prune=cfg.prune, read_ids=output.read_ids)
         for warning in plan.warnings:
@@ -284,7 +284,7 @@ def run(cfg: RunConfig) -> int:
             lock.release()
         except OSError as exc:  # the store is down: the lock goes stale on its own (its heartbeat has stopped)
             log.warning("could not release the output's lock (%s); it goes stale in %.0f s", retry.brief(exc),
-                        lock.stale_after_s)
+                        lock.lease_s)
     return exit_code(cfg, final)
 
 
@@ -299,7 +299,8 @@ def _work(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, s
                                           changes=plan.changes)
         log.info(_progress_line(current))
         try:
-            manifest.write_manifest(cfg.output, current, options)
+            with output.writing():
+                manifest.write_manifest(cfg.output, current, options)
         except OSError as exc:
             log.warning("could not update the manifest (%s); will retry", retry.brief(exc))
 
@@ -322,7 +323,8 @@ def _work(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, s
                                     finished=time.time(), changes=plan.changes)
     if errors:
         final["shard_errors"] = errors
-    manifest.write_manifest(cfg.output, final, options)
+    with output.writing():
+        manifest.write_manifest(cfg.output, final, options)
     return final
 
 
@@ -358,8 +360,12 @@ def exit_code(cfg: RunConfig, final: dict[str, Any]) -> int:
     log.info(_progress_line(final))
     share = manifest.failure_share(final)
     if final["status"] != "complete":
-        log.error("%d shard(s) are not done; run the same command again to retry them",
-                  final["totals"]["shards"] - final["totals"]["shards_done"])
+        totals = final["totals"]
+        partial = totals.get("partial_shards", 0)
+        log.error("%d shard(s) are not done%s; run the same command again to retry them",
+                  totals["shards"] - totals["shards_done"],
+                  f" ({partial} of them hold a tar or Parquet input that could not be read to its end: see the "
+                  "failures of stage 'container' in the manifest)" if partial else "")
         return 1
     if share > cfg.max_failure_share:
         log.error("%.2f%% of the clips failed, more than max_failure_share %.2f%%; see the failures in %s",

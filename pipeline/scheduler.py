@@ -45,7 +45,7 @@ class Job:
     """One shard on its way through the pool."""
 
     shard: Shard
-    carry: bool
+    kept: tuple[str, ...] = ()  # ids of rows kept from the shard's retired file (see pipeline.plan.Plan.kept)
     attempt: int = 1  # attempts charged, from 1
     losses: int = 0  # encoders lost while holding it
     not_before: float = 0.0  # retry backoff

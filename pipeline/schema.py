@@ -53,16 +53,21 @@ def _json_values(values: list[Any]) -> pa.Array:
 
 
 def column(name: str, values: list[Any], field: pa.Field | None = None) -> tuple[pa.Field, pa.Array]:
-    """A metadata column: typed as ``field`` when given (``ValueError`` if a value does not fit), else inferred;
-    JSON text when marked so, or when the values cannot share a storable type."""
-    if field is not None:
-        if is_json(field):
-            return field, _json_values(values)
-        try:
-            return field, pa.array(values, type=field.type)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
-            raise ValueError(f"metadata column {name!r} is {field.type} in this output, but holds a value that is "
-                             f"not: {exc}") from exc
+    """A metadata column: typed as ``field`` when given, else inferred; JSON text when marked so, or when the values
+    cannot share a storable type. Never lossy: a value that ``field``'s type cannot hold exactly (12.75 in an int
+    column, 7 in a string column) is a ``ValueError``; :func:`widen` gives the type that holds both."""
+    inferred = _inferred(name, values)
+    if field is None:
+        return inferred
+    if is_json(field):
+        return field, _json_values(values)
+    if not widen(field, inferred[0]).equals(field, check_metadata=True):
+        raise ValueError(f"metadata column {name!r} is {field.type} in this output, but holds a value that is not "
+                         f"(values of type {inferred[0].type}{' as JSON text' if is_json(inferred[0]) else ''})")
+    return field, inferred[1].cast(field.type)
+
+
+def _inferred(name: str, values: list[Any]) -> tuple[pa.Field, pa.Array]:
     try:
         array = pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
@@ -70,6 +75,11 @@ def column(name: str, values: list[Any], field: pa.Field | None = None) -> tuple
     if not _storable(array.type):
         return json_field(name), _json_values(values)
     return pa.field(name, array.type), array
+
+
+def widen(known: pa.Field, values_field: pa.Field) -> pa.Field:
+    """The type of a column ``known`` to the output once it also holds values of ``values_field``'s type."""
+    return unify([pa.schema([known]), pa.schema([values_field.with_name(known.name)])]).field(0)
 
 
 def infer(rows: Iterable[dict[str, Any]], where: str) -> pa.Schema:

@@ -1,4 +1,4 @@
-"""Storage helpers over fsspec: URLs, atomic writes, JSON state files and the run lock.
+"""Storage helpers over fsspec: URLs, atomic writes, JSON state files, and conditional writes (for the run lock).
 
 Works with local paths, ``file://``, ``s3://``, ``gs://``, ``memory://`` and any other fsspec protocol. Every call to
 the store goes through :func:`pipeline.retry.call`: transient errors (5xx, throttling, resets, timeouts) are retried
@@ -16,18 +16,16 @@ Atomic writes: every output is first written completely to a local file, then pu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import posixpath
-import socket
 import tempfile
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import fsspec
@@ -38,7 +36,6 @@ from pipeline import retry
 log = logging.getLogger(__name__)
 
 OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
-LOCK_PATH = "_state/lock.json"
 
 
 def get_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -138,21 +135,55 @@ def list_files(url: str, storage_options: dict[str, Any] | None = None) -> dict[
 
     Hidden files (temporaries of :func:`atomic_output`) are left out.
     """
+    return {name: size for name, (size, _) in list_files_dated(url, storage_options).items()}
+
+
+def list_files_dated(url: str, storage_options: dict[str, Any] | None = None
+                     ) -> dict[str, tuple[int, float | None]]:
+    """Like :func:`list_files`, with each file's modification time by the store's clock (None where unknown)."""
     fs, path = get_fs(url, storage_options)
     fs.invalidate_cache(path)
     try:
         entries = retry.call(fs.ls, path, detail=True, what=f"list {url}")
     except FileNotFoundError:
         return {}
-    files = {posixpath.basename(e["name"].rstrip("/")): int(e["size"]) for e in entries if e["type"] == "file"}
-    return {name: size for name, size in files.items() if not name.startswith(".")}
+    files = {posixpath.basename(e["name"].rstrip("/")): (int(e["size"]), _modified(e))
+             for e in entries if e["type"] == "file"}
+    return {name: value for name, value in files.items() if not name.startswith(".")}
 
 
-def read_json_files(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """All ``*.json`` files directly under the folder ``url``, parsed, by file name; fetched concurrently where the
-    store supports it (one ``cat`` call), a file that failed with a transient error is fetched again on its own."""
+def _modified(info: dict[str, Any]) -> float | None:
+    """A listing entry's modification time as unix seconds: ``mtime`` (local disk), ``LastModified`` (S3),
+    ``updated`` (GCS), ``last_modified`` (Azure); None where the store gives none."""
+    for key in ("mtime", "LastModified", "updated", "last_modified", "created"):
+        value = info.get(key)
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, str):
+            try:
+                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return None
+
+
+def modified_time(url: str, storage_options: dict[str, Any] | None = None) -> float | None:
+    """The modification time of the object ``url`` by the store's clock (None where unknown)."""
     fs, path = get_fs(url, storage_options)
-    names = [n for n in list_files(url, storage_options) if n.endswith(".json")]
+    fs.invalidate_cache(path)
+    return _modified(retry.call(fs.info, path, what=f"stat {url}"))
+
+
+def read_json_files(url: str, storage_options: dict[str, Any] | None = None, names: list[str] | None = None
+                    ) -> dict[str, Any]:
+    """The ``*.json`` files directly under the folder ``url`` (or those ``names`` of them), parsed, by file name;
+    fetched concurrently where the store supports it (one ``cat`` call), a file that failed with a transient error is
+    fetched again on its own."""
+    fs, path = get_fs(url, storage_options)
+    if names is None:
+        names = [n for n in list_files(url, storage_options) if n.endswith(".json")]
     if not names:
         return {}
     what = f"read {url}"
@@ -181,147 +212,105 @@ def remove(url: str, storage_options: dict[str, Any] | None = None) -> None:
         pass
 
 
-class OutputLockedError(RuntimeError):
-    """Another live run holds the output folder, or this run lost its lock."""
+class PreconditionFailed(ValueError):
+    """A conditional write lost: the object exists (create) or is no longer the version it was read as (replace).
+    Never retried (a ``ValueError``, like every error about the state of an object rather than the store's health)."""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return bool({"s3", "s3a"}.intersection(protocols))
 
 
-@dataclass
-class RunLock:
-    """One run at a time per output folder, via ``{output_url}/_state/lock.json``.
-
-    The lock file holds the owner (host, pid, run id, a random token) and a heartbeat timestamp that the
-    owner renews with :meth:`refresh` (call it well within ``stale_after_s``). A lock is stale, and may
-    be taken over, when its heartbeat is older than ``stale_after_s`` (clock of the reader against the
-    owner's clock: keep hosts roughly in sync) or when it belongs to a dead pid on this same host.
-
-    Race window: plain fsspec has no create-if-absent, so :meth:`acquire` writes the lock, waits
-    ``settle_s`` and reads it back; of two runs racing, the one whose write landed last keeps the lock
-    and the other gets :class:`OutputLockedError`. Both can still win only if one run's read-check-write
-    takes longer than the other's write plus ``settle_s`` — make ``settle_s`` exceed one store round trip.
-    :meth:`refresh` re-checks ownership, so a run that lost the lock finds out at its next heartbeat.
-    """
-
-    output_url: str
-    run_id: str
-    storage_options: dict[str, Any] | None = None
-    stale_after_s: float = 120.0
-    settle_s: float = 1.0
-    token: str = field(default_factory=lambda: uuid.uuid4().hex)
-
-    @property
-    def url(self) -> str:
-        return join(self.output_url, LOCK_PATH)
-
-    def _record(self) -> dict[str, Any]:
-        return {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "run_id": self.run_id,
-            "token": self.token,
-            "heartbeat": time.time(),
-        }
-
-    def _read(self) -> dict[str, Any] | None:
-        try:
-            return read_json(self.url, self.storage_options)
-        except FileNotFoundError:
-            return None
-
-    def _is_stale(self, lock: dict[str, Any]) -> bool:
-        if time.time() - lock["heartbeat"] > self.stale_after_s:
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` (or its cause) is the store refusing a conditional write (HTTP 412 / 409)."""
+    for e in retry.chain(exc):
+        if isinstance(e, FileExistsError):
             return True
-        return lock["host"] == socket.gethostname() and not _pid_alive(lock["pid"])
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            error = response.get("Error", {})
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if error.get("Code") in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                return True
+    return False
 
-    def _locked_error(self, lock: dict[str, Any], what: str) -> OutputLockedError:
-        age = time.time() - lock["heartbeat"]
-        return OutputLockedError(
-            f"{what}: {self.output_url} is locked by run {lock['run_id']!r} on host {lock['host']} "
-            f"(pid {lock['pid']}), last heartbeat {age:.0f} s ago. If that run is dead, wait until the "
-            f"heartbeat is {self.stale_after_s:.0f} s old, or override by deleting {self.url} "
-            f"(or acquiring with force=True)."
-        )
 
-    def acquire(self, force: bool = False, wait_s: float = 0.0, poll_s: float = 5.0) -> None:
-        """Take the lock; raise :class:`OutputLockedError` if a live run holds it (unless ``force``).
+def conditional_writes(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether :func:`write_if` is a true compare-and-swap at ``url`` (local disk, S3); elsewhere it is a read-compare
+    then write, and racing writers are told apart by reading back after a pause."""
+    fs, _ = get_fs(url, storage_options)
+    return isinstance(fs, LocalFileSystem) or _is_s3(fs)
 
-        ``wait_s`` > 0 waits that long for the holder to release the lock or for it to go stale (a retried job
-        whose killed predecessor's heartbeat is still fresh) before giving up.
-        """
-        deadline = time.time() + wait_s
-        while True:
-            current = self._read()
-            if current is None or current["token"] == self.token or force or self._is_stale(current):
-                break
-            if time.time() >= deadline:
-                raise self._locked_error(current, "cannot start")
-            time.sleep(min(poll_s, max(0.0, deadline - time.time())))
-        write_json(self.url, self._record(), self.storage_options)
-        time.sleep(self.settle_s)
-        self._ensure_ours("lost the race for the lock")
 
-    def refresh(self) -> None:
-        """Renew the heartbeat; raise :class:`OutputLockedError` if another run has taken the lock over."""
-        self._ensure_ours("this run lost its lock")
-        write_json(self.url, self._record(), self.storage_options)
+@contextmanager
+def _guard(path: str) -> Iterator[None]:
+    """An exclusive advisory lock between the processes of this host (and NFS clients) around a local CAS."""
+    import fcntl
 
-    def _ensure_ours(self, what: str) -> None:
-        current = self._read()
-        if current is None:
-            raise OutputLockedError(f"{what}: the lock {self.url} was deleted by someone else")
-        if current["token"] != self.token:
-            raise self._locked_error(current, what)
+    os.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+    with open(posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.guard"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
-    def release(self) -> None:
-        """Stop the heartbeat; delete the lock if this run still holds it."""
-        self.stop_heartbeat()
-        current = self._read()
-        if current is not None and current["token"] == self.token:
-            remove(self.url, self.storage_options)
 
-    def start_heartbeat(self, interval_s: float = 30.0) -> None:
-        """Renew the heartbeat every ``interval_s`` in a background thread, so that long listings and long waits
-        never let the lock go stale; :meth:`check` raises once the thread finds that another run took it."""
-        self._stop = threading.Event()
-        self.lost: OutputLockedError | None = None
+def _local_version(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except FileNotFoundError:
+        return None
 
-        def beat() -> None:
-            while not self._stop.wait(interval_s):
-                try:
-                    self.refresh()
-                except OutputLockedError as exc:
-                    self.lost = exc
-                    log.error("%s", exc)
-                    return
-                except Exception as exc:  # the store is down beyond the retry window: keep trying
-                    log.warning("could not renew the lock's heartbeat (%s); trying again", retry.brief(exc))
 
-        self._thread = threading.Thread(target=beat, name="lock-heartbeat", daemon=True)
-        self._thread.start()
+def read_versioned(url: str, storage_options: dict[str, Any] | None = None) -> tuple[bytes, str] | None:
+    """The object's bytes and a version token for :func:`write_if` (its ETag on S3); None if it does not exist."""
+    fs, path = get_fs(url, storage_options)
+    what = f"read {url}"
+    try:
+        if _is_s3(fs):
+            fs.invalidate_cache(path)
+            etag = retry.call(fs.info, path, what=what)["ETag"]
+            return retry.call(fs.cat_file, path, what=what), etag
+        data = retry.call(fs.cat_file, path, what=what)
+    except FileNotFoundError:
+        return None
+    return data, hashlib.sha256(data).hexdigest()
 
-    def stop_heartbeat(self) -> None:
-        if getattr(self, "_thread", None) is not None:
-            self._stop.set()
-            self._thread.join(timeout=5)
-            self._thread = None
 
-    def check(self) -> None:
-        """Raise :class:`OutputLockedError` if the heartbeat found the lock taken over by another run."""
-        if getattr(self, "lost", None) is not None:
-            raise self.lost
+def write_if(url: str, data: bytes, version: str | None, storage_options: dict[str, Any] | None = None) -> str:
+    """Write ``data`` at ``url`` only if the object is still ``version`` (None: only if it does not exist); return
+    the new version. Raises :class:`PreconditionFailed` when another writer got there first.
 
-    def __enter__(self) -> "RunLock":
-        self.acquire()
-        return self
+    S3: one PUT with ``If-None-Match: *`` / ``If-Match: ETag`` (the store decides). Local disk: read, compare and
+    rename under an exclusive ``flock`` shared by every writer. Elsewhere: read and compare, then write; the caller
+    reads back to tell racing writers apart."""
+    fs, path = get_fs(url, storage_options)
+    what = f"write {url}"
+    if _is_s3(fs):
+        condition = {"mode": "create"} if version is None else {"IfMatch": version}
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+        def put() -> dict[str, Any] | None:
+            try:
+                return fs.pipe_file(path, data, **condition)
+            except Exception as exc:
+                if _precondition_failed(exc):
+                    raise PreconditionFailed(f"{url} was written by someone else") from exc
+                raise
+
+        response = retry.call(put, what=what)
+        fs.invalidate_cache(path)
+        return (response or {}).get("ETag") or retry.call(fs.info, path, what=what)["ETag"]
+    if isinstance(fs, LocalFileSystem):
+        with _guard(path):
+            if _local_version(path) != version:
+                raise PreconditionFailed(f"{url} was written by someone else")
+            atomic_write_bytes(url, data, storage_options)
+        return hashlib.sha256(data).hexdigest()
+    current = read_versioned(url, storage_options)
+    if (current and current[1]) != version:
+        raise PreconditionFailed(f"{url} was written by someone else")
+    atomic_write_bytes(url, data, storage_options)
+    return hashlib.sha256(data).hexdigest()

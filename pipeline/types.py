@@ -139,11 +139,15 @@ class Clip:
 
 @dataclass
 class ClipFailure:
-    """A clip that could not be turned into codes. Recorded, never dropped silently."""
+    """A clip that could not be turned into codes. Recorded, never dropped silently.
+
+    Stage ``container``: a tar or Parquet input that could not be read to its end (or at all); ``clip_id`` names the
+    container, and what it held past the damage is unknown (a tar has no index), so its shard is recorded ``partial``:
+    not done, it gates the exit code and is redone by the next run."""
 
     clip_id: str
     source_uri: str
-    stage: str  # "read" | "decode" | "resample" | "encode" | "crash"
+    stage: str  # "read" | "decode" | "resample" | "encode" | "crash" | "container"
     error_class: str
     message: str
 

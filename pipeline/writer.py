@@ -19,6 +19,7 @@ Arrow schema key-value metadata.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,12 +73,18 @@ def codes_array(codes: list[np.ndarray], num_codebooks: int) -> pa.ListArray:
 
 
 def _metadata(rows: list[EncodedClip], schema: pa.Schema | None) -> tuple[list[pa.Field], list[pa.Array]]:
+    """The metadata columns of ``rows``: the output's known columns, widened where this shard's values need it (the
+    end of the run brings every file to the widened type), then the keys the output does not know yet."""
     known = {f.name: f for f in schema or []}
     keys = [*known, *dict.fromkeys(k for row in rows for k in row.info.metadata if k not in known)]
     fields, arrays = [], []
     for key in keys:
         name = f"meta_{key}" if key in CORE_COLUMNS else key
-        field, array = output_schema.column(name, [row.info.metadata.get(key) for row in rows], known.get(key))
+        values = [row.info.metadata.get(key) for row in rows]
+        field = known.get(key)
+        if field is not None:
+            field = output_schema.widen(field, output_schema.column(name, values)[0])
+        field, array = output_schema.column(name, values, field)
         fields.append(field.with_name(name))
         arrays.append(array)
     return fields, arrays
@@ -129,7 +136,11 @@ def _row_group_bounds(row_bytes: np.ndarray, row_group_bytes: int) -> list[tuple
 def write_table(url: str, table: pa.Table, *, storage_options: dict[str, Any] | None = None,
                 row_group_bytes: int = 100 * 2**20) -> ShardWriteResult:
     """Write a shard ``table`` to the Parquet file ``url`` atomically (see :func:`pipeline.storage.atomic_output`):
-    if anything fails, ``url`` is left untouched."""
+    if anything fails, ``url`` is left untouched. A table holding a clip id twice is refused before anything is
+    written (every write of the output goes through here)."""
+    if pc.count_distinct(table.column("id")).as_py() != table.num_rows:
+        twice = sorted(i for i, n in Counter(table.column("id").to_pylist()).items() if n > 1)
+        raise ValueError(f"refusing to write {url}: clip id(s) {twice[:5]} would appear more than once")
     num_codebooks = table.schema.field("codes").type.value_type.list_size
     n_frames = table.column("n_frames").to_numpy()
     bounds = _row_group_bounds(n_frames.astype(np.int64) * num_codebooks * 2, row_group_bytes)

@@ -5,6 +5,8 @@ and it fails requests the way object stores fail in production.
   reset connection (``mode`` "503", "reset" or "mixed");
 * at other times, a share ``error_rate`` of requests fail at random: ``500 InternalError``, a reset before the
   request reaches the server, or a response cut off in the middle of its body;
+* ``rule(method, path)``: a fault ("503", "500" or "reset") for chosen requests, or None, asked first (while faults
+  are on);
 * ``latency_s`` added before every GET;
 * ``on_request(method, path, status)`` is called for each request the server answered, before the answer goes
   back to the client: the request took effect, and the client does not know yet (where a kill hurts most).
@@ -33,11 +35,12 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection
 class FaultProxy:
     def __init__(self, upstream: str, *, every_s: float = 0.0, outage_s: float = 0.0, mode: str = "mixed",
                  error_rate: float = 0.0, latency_s: float = 0.0, seed: int = 0,
-                 on_request: Callable[[str, str, int], None] | None = None):
+                 on_request: Callable[[str, str, int], None] | None = None,
+                 rule: Callable[[str, str], str | None] | None = None):
         host, port = upstream.removeprefix("http://").split(":")
         self.upstream = (host, int(port))
         self.every_s, self.outage_s, self.mode = every_s, outage_s, mode
-        self.error_rate, self.latency_s, self.on_request = error_rate, latency_s, on_request
+        self.error_rate, self.latency_s, self.on_request, self.rule = error_rate, latency_s, on_request, rule
         self.random = random.Random(seed)
         self.lock = threading.Lock()
         self.stats: Counter[str] = Counter()
@@ -86,9 +89,12 @@ class FaultProxy:
     def in_outage(self) -> bool:
         return bool(self.faults and self.every_s and (time.monotonic() - self.t0) % self.every_s < self.outage_s)
 
-    def _fault(self) -> str | None:
+    def _fault(self, method: str, path: str) -> str | None:
         if not self.faults:
             return None
+        chosen = self.rule(method, path) if self.rule is not None else None
+        if chosen is not None:
+            return chosen
         with self.lock:
             if self.in_outage():
                 return self.random.choice(["503", "reset"]) if self.mode == "mixed" else self.mode
@@ -98,7 +104,7 @@ class FaultProxy:
 
     def serve(self, handler: BaseHTTPRequestHandler) -> None:
         body = _read_body(handler)
-        fault = self._fault()
+        fault = self._fault(handler.command, handler.path)
         self.stats["requests"] += 1
         if fault in ("503", "500"):
             self.stats[fault] += 1

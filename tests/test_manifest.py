@@ -24,7 +24,7 @@ def _write_shard(root: str, shard: Shard, n_clips: int, frames: int, failures: l
                         np.ones((8, frames), np.int64), frames * 1920) for i in range(n_clips)]
     result = write_shard(storage.join(root, mf.shard_file(shard.shard_id)), rows, num_codebooks=8,
                          file_metadata={}, storage_options=so)
-    return mf.write_done_record(root, shard, result, failures, started=finished - 10, finished=finished,
+    return mf.write_record(root, shard, result, failures, started=finished - 10, finished=finished,
                                 attempt=1, storage_options=so)
 
 
@@ -112,7 +112,7 @@ def test_manifest_totals_status_and_speed(tmp_path):
     m_now = m["timing"]["updated"]
     assert m["status"] == "running"
     assert m["totals"] == {
-        "shards": 4, "shards_done": 3, "retained_files": 0, "clips": 6, "kept_clips": 0, "failed_clips": 3,
+        "shards": 4, "shards_done": 3, "partial_shards": 0, "retained_files": 0, "clips": 6, "kept_clips": 0, "failed_clips": 3,
         "failed_by_class": {"DecodeError": 2, "EncodeError": 1},
         "hours": pytest.approx((2 * 2 + 3 * 4 + 8) / 3600),
         "frames": 2 * 25 + 3 * 50 + 100, "tokens": (2 * 25 + 3 * 50 + 100) * 8,

@@ -3,6 +3,7 @@ committed shard, run the same command again, and compare with an uninterrupted r
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -66,6 +67,7 @@ def test_killed_run_resumes_to_the_same_output(tmp_path):
     records = [manifest.load_done(str(out)) for out in (interrupted, reference)]
     assert {k: r["sha256"] for k, r in records[0].items()} == {k: r["sha256"] for k, r in records[1].items()}
     assert manifest.read_manifest(str(interrupted))["status"] == "complete"
-    assert not (interrupted / "_state" / "lock.json").exists()
+    lock = json.loads((interrupted / "_state" / "lock.json").read_text())
+    assert lock["released"] and [h["epoch"] for h in lock["history"]] == [1, 2]  # the killed run's, then the resumed
     visible = [p.name for p in (interrupted / "data").iterdir() if not p.name.startswith(".")]
     assert sorted(visible) == sorted(f"{s.shard_id}.parquet" for s in shards)

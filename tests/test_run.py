@@ -27,7 +27,7 @@ from pipeline.cli import main
 from pipeline.config import RunConfig
 from pipeline.runner import run
 from pipeline.sources import discover_shards
-from pipeline.storage import RunLock
+from pipeline.lock import RunLock
 from pipeline.writer import read_codes
 
 

@@ -217,7 +217,7 @@ def test_single_tar_and_corrupt_tar(tmp_path: Path, wds_folder: Path) -> None:
 
     (tmp_path / "bad.tar").write_bytes(corrupt_bytes(10_000))
     (bad,) = discover_shards(str(tmp_path / "bad.tar"))
-    assert _summary(list(iter_clips(bad))) == [("bad.tar", "read")]
+    assert _summary(list(iter_clips(bad))) == [("bad.tar", "container")]
 
 
 # --------------------------------------------------------------------------------------------- Hub Parquet

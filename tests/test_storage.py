@@ -9,12 +9,13 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import pytest
 import s3fs
 
 from pipeline import storage
-from pipeline.storage import OutputLockedError, RunLock
+from pipeline.lock import OutputLockedError, RunLock
 
 
 class Boom(Exception):
@@ -135,89 +136,119 @@ def _lock(root, run_id, so=None, **kw) -> RunLock:
     return RunLock(root, run_id, storage_options=so, settle_s=kw.pop("settle_s", 0.0), **kw)
 
 
-def test_lock_refuses_second_live_run(tmp_path):
+def _stored(root, so=None) -> dict:
+    return storage.read_json(storage.join(root, "_state/lock.json"), so)
+
+
+def test_lock_refuses_second_live_run_and_epochs_grow(tmp_path):
     root = str(tmp_path)
     first = _lock(root, "run-1")
     first.acquire()
-    lock = storage.read_json(storage.join(root, "_state/lock.json"))
-    assert (lock["host"], lock["pid"], lock["run_id"]) == (socket.gethostname(), os.getpid(), "run-1")
+    lock = _stored(root)
+    assert (lock["host"], lock["pid"], lock["run_id"], lock["epoch"]) == (socket.gethostname(), os.getpid(), "run-1", 1)
     with pytest.raises(OutputLockedError, match=r"run-1.*" + socket.gethostname()) as err:
         _lock(root, "run-2").acquire()
-    assert "lock.json" in str(err.value) and "force=True" in str(err.value)
+    assert "lock-wait-s" in str(err.value) and "force" not in str(err.value)
     first.refresh()  # still ours
     first.release()
-    assert not storage.exists(storage.join(root, "_state/lock.json"))
-    with _lock(root, "run-2"):
-        assert storage.read_json(storage.join(root, "_state/lock.json"))["run_id"] == "run-2"
+    assert _stored(root)["released"] is True  # released, not deleted: the next run's epoch follows this one's
+    with _lock(root, "run-2") as second:
+        lock = _stored(root)
+        assert (lock["run_id"], lock["epoch"], second.epoch) == ("run-2", 2, 2)
+        assert [h["epoch"] for h in lock["history"]] == [1, 2] and all("began" in h for h in lock["history"])
 
 
 def test_lock_stale_heartbeat_is_taken_over_and_old_owner_notices(tmp_path):
     root = str(tmp_path)
-    old = _lock(root, "old", stale_after_s=0.3)
+    old = _lock(root, "old", lease_s=0.3)
     old.acquire()
     with pytest.raises(OutputLockedError):
-        _lock(root, "new", stale_after_s=0.3).acquire()
+        _lock(root, "new", lease_s=0.3).acquire()
     time.sleep(0.4)
-    new = _lock(root, "new", stale_after_s=0.3)
+    new = _lock(root, "new", lease_s=0.3)
     new.acquire()
     with pytest.raises(OutputLockedError, match="lost its lock"):
-        old.refresh()
-    old.release()  # not the owner any more: must not delete the new owner's lock
-    assert storage.read_json(storage.join(root, "_state/lock.json"))["run_id"] == "new"
+        old.refresh()  # a conditional write on the version it last wrote: refused
+    old.release()  # not the owner any more: must not release the new owner's lock
+    assert _stored(root)["run_id"] == "new" and not _stored(root).get("released")
 
 
 def test_lock_wait_takes_over_once_the_holder_goes_stale(tmp_path):
     root = str(tmp_path)
-    _lock(root, "killed", stale_after_s=1.0).acquire()  # never refreshed again, like a SIGKILLed run
+    _lock(root, "killed", lease_s=1.0).acquire()  # never refreshed again, like a SIGKILLed run
     with pytest.raises(OutputLockedError):
-        _lock(root, "retry", stale_after_s=1.0).acquire(wait_s=0.2, poll_s=0.05)
+        _lock(root, "retry", lease_s=1.0).acquire(wait_s=0.2, poll_s=0.05)
     start = time.time()
-    _lock(root, "retry", stale_after_s=1.0).acquire(wait_s=5.0, poll_s=0.05)
+    _lock(root, "retry", lease_s=1.0).acquire(wait_s=5.0, poll_s=0.05)
     assert 0.5 < time.time() - start < 3.0
-    assert storage.read_json(storage.join(root, "_state/lock.json"))["run_id"] == "retry"
+    assert _stored(root)["run_id"] == "retry"
 
 
-def test_lock_dead_pid_on_same_host_is_stale(tmp_path):
+def test_lock_of_a_dead_pid_is_stale_only_in_the_same_pid_namespace(tmp_path):
+    """A dead pid means a dead run only on the same host, boot and PID namespace: containers that share a host name
+    (host networking) have PID namespaces of their own."""
+    from pipeline.lock import _host_identity
+
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(proc.stdout)
     lock_url = storage.join(str(tmp_path), "_state/lock.json")
-    record = {"host": socket.gethostname(), "pid": dead_pid, "run_id": "crashed", "token": "t",
-              "heartbeat": time.time()}
-    storage.write_json(lock_url, {**record, "host": "some-other-host"})
-    with pytest.raises(OutputLockedError, match="crashed"):  # other host: cannot tell, heartbeat is fresh
-        _lock(str(tmp_path), "new").acquire()
+    record = {**_host_identity(), "pid": int(proc.stdout), "run_id": "crashed", "token": "t", "epoch": 3,
+              "lease_s": 120.0, "heartbeat": time.time()}
+    for other in ({"host": "some-other-host"}, {"pidns": "4026531999"}):
+        storage.write_json(lock_url, {**record, **other})
+        with pytest.raises(OutputLockedError, match="crashed"):  # cannot tell: the heartbeat is fresh
+            _lock(str(tmp_path), "new").acquire()
     storage.write_json(lock_url, record)
     _lock(str(tmp_path), "new").acquire()
-    assert storage.read_json(lock_url)["run_id"] == "new"
+    assert (_stored(str(tmp_path))["run_id"], _stored(str(tmp_path))["epoch"]) == ("new", 4)
 
 
 def test_lock_force_overrides_live_lock(tmp_path):
     _lock(str(tmp_path), "a").acquire()
     _lock(str(tmp_path), "b").acquire(force=True)
-    assert storage.read_json(storage.join(str(tmp_path), "_state/lock.json"))["run_id"] == "b"
+    assert _stored(str(tmp_path))["run_id"] == "b"
 
 
-def test_lock_acquire_loses_to_a_racing_writer(tmp_path):
-    """Run B read "no lock" before run A wrote its lock, so B writes too, during A's settle time: A must give up."""
-    lock_url = storage.join(str(tmp_path), "_state/lock.json")
-    a = _lock(str(tmp_path), "a", settle_s=1.0)
-    outcome: list[BaseException | None] = []
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_racing_runs_take_a_stale_lock_exactly_once(tmp_path, where, request):
+    """Eight runs take over one stale lock at the same moment: conditional writes (flock on local disk, If-Match on
+    S3) let exactly one of them win, with the next epoch."""
+    if where == "s3":
+        server = request.getfixturevalue("s3_server")
+        root, so = f"s3://{server['bucket']}/{uuid.uuid4().hex}", server["storage_options"]
+    else:
+        root, so = str(tmp_path), None
+    _lock(root, "killed", so, lease_s=0.2).acquire()
+    time.sleep(0.3)
+    barrier, outcome = threading.Barrier(8), []
 
-    def acquire() -> None:
+    def take(i: int) -> None:
+        lock = _lock(root, f"r{i}", so)
+        barrier.wait()
         try:
-            a.acquire()
-            outcome.append(None)
-        except OutputLockedError as e:
-            outcome.append(e)
+            lock.acquire()
+            outcome.append(lock)
+        except OutputLockedError:
+            pass
 
-    thread = threading.Thread(target=acquire)
-    thread.start()
-    while not storage.exists(lock_url):
-        time.sleep(0.01)
-    storage.write_json(lock_url, {"host": "host-b", "pid": 1, "run_id": "b", "token": "b", "heartbeat": time.time()})
-    thread.join()
-    assert isinstance(outcome[0], OutputLockedError) and "lost the race" in str(outcome[0])
-    assert "'b'" in str(outcome[0]) and "host-b" in str(outcome[0])
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    (winner,) = outcome
+    assert winner.epoch == 2 and _stored(root, so)["run_id"] == winner.run_id
+
+
+def test_conditional_writes_on_s3(s3_server, s3_url):
+    so = s3_server["storage_options"]
+    url = f"{s3_url}/x.json"
+    first = storage.write_if(url, b"1", None, so)
+    with pytest.raises(storage.PreconditionFailed):
+        storage.write_if(url, b"2", None, so)  # exists
+    second = storage.write_if(url, b"2", first, so)
+    with pytest.raises(storage.PreconditionFailed):
+        storage.write_if(url, b"3", first, so)  # changed since
+    assert storage.read_versioned(url, so) == (b"2", second)
 
 
 def test_lock_on_s3(s3_server, s3_url):
@@ -227,4 +258,4 @@ def test_lock_on_s3(s3_server, s3_url):
             _lock(s3_url, "run-2", so).acquire()
         raw = json.loads(_raw_s3(s3_server).cat_file(storage.join(s3_url, "_state/lock.json")))
         assert raw["run_id"] == "run-1"
-    assert not _raw_s3(s3_server).exists(storage.join(s3_url, "_state/lock.json"))
+    assert json.loads(_raw_s3(s3_server).cat_file(storage.join(s3_url, "_state/lock.json")))["released"] is True

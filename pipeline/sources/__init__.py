@@ -41,7 +41,7 @@ def discover_shards(input_url: str, *, files_per_shard: int = 256, max_shard_byt
     if listing.kind == "files":
         shards = files.discover(listing, files_per_shard, max_shard_bytes)
     elif listing.kind == "manifest":
-        shards = manifests.discover(listing, files_per_shard)
+        shards = manifests.discover(listing, files_per_shard, storage_options)
     else:
         shards = [_container_shard(listing, path, size, version) for path, (size, version) in listing.files.items()]
     _check_unique_ids(shards)

@@ -62,6 +62,16 @@ def read_failure(clip_id: str, uri: str, exc: Exception) -> ClipFailure:
     return ClipFailure.from_exception(clip_id, uri, "read", exc)
 
 
+def container_failure(name: str, uri: str, exc: Exception, after: int) -> ClipFailure:
+    """The failure of a container (tar, Parquet) unreadable past its ``after``-th item; transient errors are raised
+    instead (they fail the attempt)."""
+    if retry.is_transient(exc):
+        raise exc
+    failure = ClipFailure.from_exception(name, uri, "container", exc)
+    failure.message = f"unreadable after {after} item(s): {failure.message}"
+    return failure
+
+
 def fetch_clip(clip_id: str, uri: str, metadata: dict[str, Any], storage_options: dict, size: int = 0) -> ClipItem:
     """One audio file as a :class:`ClipSource`: bytes for a small file, a stream opener for a large one.
 

@@ -7,12 +7,17 @@ passes through as metadata (CSV values stay strings).
 
 Shards: the rows sorted by id, cut by :mod:`pipeline.sharding` into shards of at most ``files_per_shard`` rows
 (``manifest-{hash of the first id}``). Each shard carries its rows, so the manifest is read once by the driver and
-never again by the decode tasks; a row whose URI or metadata changes redoes its shard.
+never again by the decode tasks; a row whose URI or metadata changes redoes its shard, and so does audio rewritten
+in place under the same URI: the rows' files are looked up when the manifest is read (one listing per folder, or a
+stat per file where a folder holds few of them, concurrently), and their sizes and versions (ETag, generation,
+mtime) enter the shard's digest.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
+import dataclasses
 import io
 import json
 from collections import Counter
@@ -20,15 +25,19 @@ from collections.abc import Iterator
 from typing import Any
 
 from pipeline import retry, sharding
-from pipeline.sources.common import extension, resolve
+from pipeline.sources.common import extension, get_fs, resolve
 from pipeline.sources.files import make_shard
-from pipeline.sources.listing import Listing
+from pipeline.sources.listing import Listing, version_of
 from pipeline.types import Member, Shard
 
 URI_COLUMNS = ("audio", "path", "uri", "file", "audio_path")
 
 
-def discover(listing: Listing, rows_per_shard: int) -> list[Shard]:
+STAT_PER_FILE_MAX = 8  # a folder holding at most this many of the rows' files: a stat per file, else one listing
+STAT_THREADS = 16
+
+
+def discover(listing: Listing, rows_per_shard: int, storage_options: dict | None = None) -> list[Shard]:
     (path,) = listing.files
     uri = listing.uri(path)
     data = retry.call(listing.fs.cat_file, path, what=f"read {uri}")
@@ -41,9 +50,51 @@ def discover(listing: Listing, rows_per_shard: int) -> list[Shard]:
     if duplicates:
         raise ValueError(f"manifest {uri}: {len(duplicates)} clip id(s) appear more than once (e.g. "
                          f"{', '.join(map(repr, duplicates[:3]))}); ids (the id column, else the URI) must be unique")
+    members = with_versions(members, storage_options)
     members.sort(key=lambda m: m.key)
     ranges = sharding.cut([m.key for m in members], [1] * len(members), max_items=rows_per_shard)
     return [make_shard("manifest", uri, tuple(members[a:b]), root=listing.root_uri) for a, b in ranges]
+
+
+def with_versions(members: list[Member], storage_options: dict | None) -> list[Member]:
+    """``members`` with the size and version the store gives for their files (unchanged where it gives none: a missing
+    file stays unknown, and becomes a read failure when its shard is decoded)."""
+    folders: dict[str, list[int]] = {}
+    for i, m in enumerate(members):
+        if m.uri and not m.error and not m.uri.startswith(("http://", "https://")):
+            folders.setdefault(m.uri.rpartition("/")[0], []).append(i)
+
+    def stat(folder: str) -> dict[str, tuple[int, str]]:
+        fs, path = get_fs(folder, storage_options)
+        names = {members[i].uri.rpartition("/")[2] for i in folders[folder]}
+        try:
+            if len(names) <= STAT_PER_FILE_MAX:
+                infos = []
+                for name in names:
+                    try:
+                        infos.append(retry.call(fs.info, f"{path}/{name}", what=f"stat {folder}/{name}"))
+                    except FileNotFoundError:
+                        pass
+            else:
+                fs.invalidate_cache(path)
+                infos = retry.call(fs.ls, path, detail=True, what=f"list {folder}")
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        found = {}
+        for info in infos:
+            name = info["name"].rstrip("/").rpartition("/")[2]
+            if name in names and info.get("type", "file") == "file":
+                found[name] = (int(info.get("size") or 0), version_of(info))
+        return found
+
+    out = list(members)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=STAT_THREADS) as pool:
+        for folder, found in zip(folders, pool.map(stat, folders)):
+            for i in folders[folder]:
+                size, version = found.get(members[i].uri.rpartition("/")[2], (0, ""))
+                if size or version:
+                    out[i] = dataclasses.replace(members[i], size=size, version=version)
+    return out
 
 
 def parse_rows(data: bytes, ext: str) -> Iterator[dict[str, Any]]:

@@ -5,7 +5,10 @@ The Audio column is the first declared ``Audio`` in the file's Hugging Face sche
 of ``bytes``/``path``. Clip id: ``{parquet relative path}/{Audio path}`` when every row of the file has a distinct,
 non-empty Audio path, else ``{parquet relative path}/{row index:08d}``. Every non-audio column passes through as
 metadata. Rows without bytes are read from their Audio path (relative to the Parquet file). Source URI of a row
-with bytes: ``{parquet uri}#{row}``. Rows are read a batch at a time: memory is bounded by the file's row groups.
+with bytes: ``{parquet uri}#{row}``. Rows are read a row group at a time: memory is bounded by the file's row groups.
+A row group that cannot be read (damage past the footer) is a read failure for each of its rows, and the other row
+groups are read: no row the footer counts is lost from the accounting; a file whose footer or Audio paths cannot be read
+is a ``container`` failure (its shard is not done and is read again by the next run).
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import retry
+from pipeline.decode import check_read_errors
 from pipeline.schema import MetadataSchemaError
-from pipeline.sources.common import (ClipItem, fetch_clip, get_fs, non_empty, open_stream, read_failure, relative,
-                                     resolve)
+from pipeline.sources.common import (ClipItem, container_failure, fetch_clip, get_fs, non_empty, open_stream,
+                                     read_failure, relative, resolve)
 from pipeline.types import ClipFailure, ClipSource, Shard
 
 BATCH_ROWS = 64
@@ -30,23 +34,44 @@ BATCH_ROWS = 64
 def iter_clips(shard: Shard, storage_options: dict, only: int | None = None) -> Iterator[ClipItem]:
     prefix = relative(shard.uri, shard.root)
     fs, path = get_fs(shard.uri, storage_options)
+    index, raw = 0, None
     try:
         with open_stream(fs, path, shard.size, f"read {shard.uri}") as raw:
             parquet = pq.ParquetFile(raw)
             audio_column = audio_column_of(parquet.schema_arrow)
             audio_structs = parquet.read(columns=[f"{audio_column}.path"]).column(0).to_pylist()
             ids = _ids(prefix, [audio and audio["path"] for audio in audio_structs])
-            index = 0
-            for batch in parquet.iter_batches(batch_size=BATCH_ROWS):
-                if only is not None and not index <= only < index + batch.num_rows:
-                    index += batch.num_rows
+            for group in range(parquet.metadata.num_row_groups):
+                rows = parquet.metadata.row_group(group).num_rows
+                if only is not None and not index <= only < index + rows:
+                    index += rows
                     continue
-                for row in batch.to_pylist():
-                    if only is None or index == only:
-                        yield _clip(ids[index], row, audio_column, shard.uri, index, storage_options)
-                    index += 1
-    except Exception as exc:  # unreadable file or no audio column: record it, keep what came before
-        yield read_failure(prefix, shard.uri, exc)
+                try:
+                    table = parquet.read_row_group(group)
+                except Exception as exc:  # a damaged row group: each of its rows is a failure of its own
+                    failure = read_failure(prefix, shard.uri, _damage(exc, raw))
+                    for i in range(index, index + rows) if only is None else [only]:
+                        yield ClipFailure(ids[i], f"{shard.uri}#{i}", "read", failure.error_class,
+                                          f"row {i} of {len(ids)} could not be read: {failure.message}")
+                    index += rows
+                    continue
+                for batch in table.to_batches(max_chunksize=BATCH_ROWS):
+                    for row in batch.to_pylist():
+                        if only is None or index == only:
+                            yield _clip(ids[index], row, audio_column, shard.uri, index, storage_options)
+                        index += 1
+    except Exception as exc:  # no footer, no Audio column: the file's rows are unknown
+        yield container_failure(prefix, shard.uri, _damage(exc, raw), index)
+
+
+def _damage(exc: Exception, raw) -> Exception:
+    """pyarrow reports bytes it cannot parse as an ``OSError`` without errno, which would pass for a store error: a
+    read error of the stream itself is raised as such (it carries an errno, or the stream recorded it), so what is
+    left is damage to the file (a ``ValueError``, the clip's or container's own)."""
+    check_read_errors(raw)
+    if type(exc) is OSError and exc.errno is None:
+        return ValueError(f"damaged Parquet file: {exc}")
+    return exc
 
 
 def list_items(shard: Shard, storage_options: dict) -> list[tuple[str, str]]:

@@ -7,7 +7,9 @@ failure (it would otherwise be a duplicate row). Source URI: ``{tar uri}#{key}.{
 
 The tar is read in order, member headers first; sidecars and small audio members are read into memory, larger
 audio members are decoded straight from the tar as streams, so memory does not grow with a member's size. A tar
-that cannot be read (corrupt) is one read failure, after the clips read before the damage.
+that cannot be read to its end (corrupt, cut short) yields the clips before the damage, then a ``container`` failure:
+a tar has no index, so what it held past the damage is unknown, and its shard is not done (it gates the exit code and
+the next run reads the tar again).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import tarfile
 from collections.abc import Iterator
 from typing import Any
 
-from pipeline.sources.common import (WHOLE_FILE_MAX, ClipItem, get_fs, is_audio, non_empty, open_stream, read_failure,
-                                     relative)
+from pipeline.sources.common import (WHOLE_FILE_MAX, ClipItem, container_failure, get_fs, is_audio, non_empty,
+                                     open_stream, read_failure, relative)
 from pipeline.types import ClipSource, Shard
 
 
@@ -36,8 +38,18 @@ def iter_clips(shard: Shard, storage_options: dict, only: int | None = None) -> 
                     continue
                 yield _clip(prefix, key, shard.uri, members, tar, duplicate=key in seen)
                 seen.add(key)
-    except Exception as exc:  # unreadable or corrupt tar: record it, keep what came before
-        yield read_failure(prefix, shard.uri, exc)
+            _check_end(raw, tar.offset)
+    except Exception as exc:  # unreadable or corrupt tar: keep what came before, and say the container is damaged
+        yield container_failure(prefix, shard.uri, exc, index + 1)
+
+
+def _check_end(raw, offset: int) -> None:
+    """Raise unless the archive ends with its end-of-archive marker (a zero block) where the members stop: tarfile
+    reads a tar cut short at a member boundary, or inside a header, as a complete one."""
+    raw.seek(offset)
+    block = raw.read(512)
+    if len(block) < 512 or block.count(0) != 512:
+        raise tarfile.ReadError(f"no end-of-archive marker at byte {offset}: the tar is cut short or damaged")
 
 
 def list_items(shard: Shard, storage_options: dict) -> list[tuple[str, str]]:
