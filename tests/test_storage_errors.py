@@ -1,0 +1,207 @@
+"""Errors classified by what the store says (provider code, HTTP status, errno), on the real clients' exception
+objects; S3 end to end through the fault proxy: an archived or denied object fails its clip (recorded, with the
+store's code) while the rest of its shard is written; the retry window bounds a call whatever the client does."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import fsspec
+import pytest
+import ray
+from botocore.exceptions import ClientError
+from fsspec.exceptions import FSTimeoutError
+from s3fs.errors import translate_boto_error
+
+from audio_fixtures import write_audio
+from pipeline import manifest, retry, storage
+from pipeline.config import RunConfig
+from pipeline.runner import run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def s3_error(code: str, status: int, operation: str = "GetObject") -> OSError:
+    """What s3fs raises for an S3 error answer: its translation of botocore's ClientError, kept as the cause."""
+    response = {"Error": {"Code": code, "Message": f"{code} message"},
+                "ResponseMetadata": {"HTTPStatusCode": status}}
+    return translate_boto_error(ClientError(response, operation))
+
+
+S3_TRANSIENT = [("SlowDown", 503), ("Throttling", 400), ("ThrottlingException", 400), ("RequestTimeout", 400),
+                ("InternalError", 500), ("ServiceUnavailable", 503), ("ExpiredToken", 400),
+                ("ExpiredTokenException", 400), ("TokenRefreshRequired", 400), ("RequestTimeTooSkewed", 403),
+                ("InvalidAccessKeyId", 403), ("SignatureDoesNotMatch", 403), ("SomethingNew", 502)]
+S3_PERMANENT = [("AccessDenied", 403), ("InvalidObjectState", 403), ("AllAccessDisabled", 403), ("NoSuchKey", 404),
+                ("NoSuchBucket", 404), ("InvalidRange", 416), ("SomethingNew", 400)]
+
+
+@pytest.mark.parametrize("code,status", S3_TRANSIENT)
+def test_s3_transient_codes(code, status):
+    exc = s3_error(code, status)
+    assert retry.is_transient(exc), (code, type(exc), exc.errno)
+
+
+@pytest.mark.parametrize("code,status", S3_PERMANENT)
+def test_s3_permanent_codes(code, status):
+    exc = s3_error(code, status)
+    assert not retry.is_transient(exc), (code, type(exc), exc.errno)
+    assert retry.answer_of(exc) == f"{code}, HTTP {status}"
+
+
+def test_local_errors_and_timeouts():
+    assert retry.is_transient(FSTimeoutError())  # an asyncio.TimeoutError, not the builtin one on Python 3.10
+    for number in (errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        exc = OSError(number, os.strerror(number), "/x")
+        assert not retry.is_transient(exc) and retry.output_unwritable(exc)
+    assert retry.is_transient(OSError(errno.EIO, "I/O error")) and not retry.output_unwritable(OSError(errno.EIO, ""))
+    assert not retry.is_transient(retry.OutputUnwritable("cannot write x"))
+    assert retry.output_unwritable(s3_error("AccessDenied", 403, "PutObject"))
+    assert not retry.output_unwritable(s3_error("SlowDown", 503, "PutObject"))
+
+
+def test_gcsfs_http_errors():
+    gcs_retry = pytest.importorskip("gcsfs.retry", reason="gcsfs has no release for this fsspec version (it pins "
+                                    "fsspec to its own), so it is not installed next to it")
+    for status in (408, 429, 500, 503):
+        assert retry.is_transient(gcs_retry.HttpError({"code": status, "message": "x"}))
+    for status in (400, 403, 404):
+        assert not retry.is_transient(gcs_retry.HttpError({"code": status, "message": "x"}))
+    with pytest.raises(OSError) as forbidden:
+        gcs_retry.validate_response(403, b'{"error": {"message": "denied"}}', "bucket/x.wav")
+    assert not retry.is_transient(forbidden.value)
+
+
+def test_gcsfs_forbidden_without_gcsfs():
+    """gcsfs's answer to a 403 is a plain ``OSError("Forbidden: {path}\\n{message}")`` (gcsfs.retry.validate_response)."""
+    assert not retry.is_transient(OSError("Forbidden: bucket/x.wav\ndenied"))
+
+
+def _azure_error(status: int, code: str | None):
+    """An HttpResponseError on a real azure-core response, with ``error_code`` set as azure-storage-blob sets it."""
+    exceptions = pytest.importorskip("azure.core.exceptions", reason="azure-core is not installed")
+    import requests
+    from azure.core.pipeline.transport import HttpRequest, RequestsTransportResponse
+
+    raw = requests.Response()
+    raw.status_code, raw.reason, raw._content = status, "reason", b""
+    raw.headers["x-ms-error-code"] = code or ""
+    exc = exceptions.HttpResponseError(response=RequestsTransportResponse(HttpRequest("GET", "https://a/b"), raw))
+    exc.error_code = code
+    return exc
+
+
+@pytest.mark.parametrize("status,code,transient", [
+    (503, "ServerBusy", True), (500, "OperationTimedOut", True), (500, "InternalError", True), (502, None, True),
+    (403, "AuthenticationFailed", True), (403, "AuthorizationPermissionMismatch", False),
+    (409, "BlobArchived", False), (403, None, False), (404, "BlobNotFound", False)])
+def test_azure_http_response_errors(status, code, transient):
+    assert retry.is_transient(_azure_error(status, code)) is transient
+
+
+@pytest.mark.parametrize("status,transient", [(429, True), (500, True), (503, True), (401, True), (403, False),
+                                              (404, False)])
+def test_huggingface_hub_http_errors(status, transient):
+    """What ``hf_raise_for_status`` raises for a Hub answer (RepositoryNotFoundError, HfHubHTTPError, ...)."""
+    import httpx2
+    from huggingface_hub.utils import hf_raise_for_status
+
+    response = httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co/api/x"))
+    with pytest.raises(OSError) as raised:
+        hf_raise_for_status(response)
+    assert retry.is_transient(raised.value) is transient, type(raised.value)
+
+
+def test_local_eacces_at_open_fails_the_clip_not_the_attempt(tmp_path):
+    """A real EACCES from the kernel (root without CAP_DAC_OVERRIDE, through setpriv): the unreadable file is a
+    ``read`` failure of its clip, the other clip of the shard is decoded."""
+    if os.geteuid() != 0 or subprocess.run(["setpriv", "--version"], capture_output=True).returncode != 0:
+        pytest.skip("needs root and setpriv to drop the capability that bypasses file permissions")
+    write_audio(tmp_path / "in" / "a.wav", "wav_pcm16", 16_000, 0.3, seed=1)
+    write_audio(tmp_path / "in" / "b.wav", "wav_pcm16", 16_000, 0.3, seed=2)
+    (tmp_path / "in" / "a.wav").chmod(0)
+    script = textwrap.dedent(f"""
+        import json
+        from pipeline.prepare import prepare_shard
+        from pipeline.sources import discover_shards
+        [shard] = discover_shards({str(tmp_path / "in")!r}, files_per_shard=8)
+        clips, failures = prepare_shard(shard)
+        print(json.dumps([[c.clip_id for c in clips], [[f.clip_id, f.stage, f.error_class, f.message]
+                                                       for f in failures]]))
+    """)
+    dropped = "-dac_override,-dac_read_search"
+    result = subprocess.run(["setpriv", f"--inh-caps={dropped}", f"--bounding-set={dropped}", sys.executable, "-c",
+                             script], capture_output=True, text=True, cwd=REPO, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    clips, failures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert clips == ["b.wav"]
+    assert [(f[0], f[1], f[2]) for f in failures] == [("a.wav", "read", "PermissionError")] and "Errno 13" in failures[0][3]
+
+
+# --- S3, end to end through the fault proxy ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_archived_and_denied_objects_fail_their_clips_the_rest_is_written(ray_cluster, tmp_path, s3_server, s3_url,
+                                                                          fault_proxy, tiny_model_path):
+    """GETs of one object answer 403 InvalidObjectState (archived), of another 403 AccessDenied, of a third 503
+    SlowDown twice: the first two are recorded as ``read`` failures naming the store's code, everything else of
+    their shard (the throttled clip included) is encoded, and the run ends complete."""
+    for i in range(6):
+        write_audio(tmp_path / "in" / f"utt{i}.wav", "wav_pcm16", 16_000, 0.3, seed=i)
+    fsspec.filesystem("s3", **s3_server["storage_options"]).put(f"{tmp_path / 'in'}/", f"{s3_url}/in/",
+                                                                recursive=True)
+    throttled = []
+
+    def answer(method: str, path: str):
+        if method == "GET" and path.endswith("/in/utt1.wav"):
+            return 403, "InvalidObjectState"
+        if method == "GET" and path.endswith("/in/utt2.wav"):
+            return 403, "AccessDenied"
+        if method == "GET" and path.endswith("/in/utt3.wav") and len(throttled) < 2:
+            throttled.append(path)
+            return 503, "SlowDown"
+        return None
+
+    _, options = fault_proxy(answer=answer)
+    cfg = RunConfig(input=f"{s3_url}/in", output=f"{s3_url}/out", model=tiny_model_path, files_per_shard=64,
+                    storage_options=options, storage_retry_s=5, shard_retries=0, max_failure_share=0.5,
+                    device="cpu")
+    started = time.monotonic()
+    assert run(cfg) == 0
+    assert time.monotonic() - started < 60
+    records, _ = manifest.load_records(cfg.output, s3_server["storage_options"])
+    [record] = records.values()
+    assert record["status"] == "done" and record["rows"] == 4, record
+    failures = {f["clip_id"]: f for f in record["failures"]}
+    assert sorted(failures) == ["utt1.wav", "utt2.wav"] and {f["stage"] for f in failures.values()} == {"read"}
+    assert failures["utt1.wav"]["message"].startswith("InvalidObjectState, HTTP 403")
+    assert failures["utt2.wav"]["message"].startswith("AccessDenied, HTTP 403")
+    assert len(throttled) == 2
+
+
+def test_the_retry_window_bounds_a_call_in_an_outage(s3_server, s3_url, fault_proxy):
+    """Every request answered 503 SlowDown or reset: one call through the retry layer gives up within the window
+    plus a few seconds (the client's own retries no longer run for tens of seconds inside one attempt)."""
+    proxy, options = fault_proxy(every_s=1000, outage_s=1000, mode="mixed")
+    fs, path = storage.get_fs(f"{s3_url}/x.json", options)
+    proxy.set_faults(True)
+    started = time.monotonic()
+    with pytest.raises(retry.StorageUnavailable):
+        retry.call(fs.cat_file, path, what="read", retry=retry.RetryPolicy(outage_s=3, base_s=0.2, max_delay_s=1))
+    elapsed = time.monotonic() - started
+    assert 3 <= elapsed < 6, elapsed
