@@ -1,0 +1,104 @@
+"""An output that fills up, or is read-only, stops the run at once: on a real filesystem (a small tmpfs mounted for
+the test; skipped where mounting is not permitted). What was committed is kept and valid, the shards not yet started
+are not decoded, the run ends with one error line and exit 1, and the same command completes once there is room."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import subprocess
+from pathlib import Path
+
+import pytest
+import ray
+
+from audio_fixtures import write_audio
+from outputs import read_output
+from pipeline import cli, manifest, runner
+
+CLIPS = 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``mount(options)``: (re)mount a tmpfs at ``tmp_path/out-disk`` with those options; unmounted after the test."""
+    where = tmp_path / "out-disk"
+    where.mkdir()
+    mounted = []
+
+    def mount(options: str) -> Path:
+        command = ["mount", "-o", f"remount,{options}", str(where)] if mounted else [
+            "mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}): needs root and mount rights")
+        mounted.append(options)
+        return where
+
+    try:
+        yield mount
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, list[str]]:
+    """Exit code and the CLI's own stderr lines (not Ray's forwarded worker logs)."""
+    code = cli.main(args)
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("mimi-tokenize")]
+
+
+def command(tmp_path: Path, output: Path, model: str) -> list[str]:
+    for i in range(CLIPS):
+        write_audio(tmp_path / "in" / f"utt{i:02d}.wav", "wav_pcm16", 16_000, 0.3 + 0.02 * i, seed=i)
+    return ["run", "--input", str(tmp_path / "in"), "--output", str(output), "--model", model, "--files-per-shard",
+            "2", "--device", "cpu", "--num-encoders", "1", "--decode-tasks-per-encoder", "1", "--storage-retry-s", "5"]
+
+
+def test_a_full_output_stops_the_run_and_the_rerun_completes(tmp_path, tmpfs, tiny_model_path, monkeypatch, capsys,
+                                                              caplog):
+    """A 40 kB disk holds the run's state and a few shards (a file and its record take 4 kB pages each)."""
+    monkeypatch.setattr(runner, "MIN_FREE_BYTES", 0, raising=False)
+    caplog.set_level(logging.INFO, logger="pipeline")
+    output = tmpfs("size=40k") / "tokens"
+    args = command(tmp_path, output, tiny_model_path)
+
+    code, lines = run_cli(args, capsys)
+    assert code == 1 and len(lines) == 1, lines
+    assert "No space left on device" in lines[0] and "run the same command again" in lines[0], lines
+    records, files = manifest.load_records(str(output))
+    assert records, "no shard fitted: the disk is too small for this test"
+    for record in records.values():  # what was committed is whole
+        data = (output / record["file"]).read_bytes()
+        assert manifest.file_matches(record, files) and hashlib.sha256(data).hexdigest() == record["sha256"]
+    not_started = [r.getMessage() for r in caplog.records if "shard(s) not started" in r.getMessage()]
+    assert len(not_started) == 1 and int(not_started[0].split()[0]) >= 2, not_started  # it stopped at once
+    total = int(not_started[0].split()[0]) + len(records) + 1
+    assert "the manifest could not be written" in caplog.text
+
+    tmpfs("size=4m")
+    code, lines = run_cli(args, capsys)
+    assert code == 0 and not lines, lines
+    rows = read_output(str(output))  # asserts every clip is there once
+    assert sorted(rows) == [f"utt{i:02d}.wav" for i in range(CLIPS)]
+    assert len(manifest.load_records(str(output))[0]) == total
+
+
+def test_a_read_only_or_nearly_full_output_is_refused_at_the_start(tmp_path, tmpfs, tiny_model_path, monkeypatch,
+                                                                    capsys):
+    output = tmpfs("size=1m") / "tokens"
+    args = command(tmp_path, output, tiny_model_path)
+    code, lines = run_cli(args, capsys)
+    assert code == 2 and len(lines) == 1 and "MB free on the disk of" in lines[0], lines
+
+    monkeypatch.setattr(runner, "MIN_FREE_BYTES", 0, raising=False)
+    tmpfs("ro")
+    code, lines = run_cli(args, capsys)
+    assert code == 1 and len(lines) == 1 and "Read-only file system" in lines[0], lines
