@@ -205,3 +205,24 @@ def test_the_retry_window_bounds_a_call_in_an_outage(s3_server, s3_url, fault_pr
         retry.call(fs.cat_file, path, what="read", retry=retry.RetryPolicy(outage_s=3, base_s=0.2, max_delay_s=1))
     elapsed = time.monotonic() - started
     assert 3 <= elapsed < 6, elapsed
+
+
+def test_a_failed_multipart_upload_is_aborted(s3_server, s3_url, fault_proxy, tmp_path):
+    """A file large enough for a multipart upload whose parts are refused: no upload is left open (s3fs aborts it;
+    what a kill leaves is for the bucket's AbortIncompleteMultipartUpload rule) and the write says the output
+    cannot be written."""
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(100 * 2**20)  # two of s3fs's 50 MiB parts (sparse: nothing is written here)
+    created = []
+    _, options = fault_proxy(
+        answer=lambda method, path: (403, "AccessDenied") if method == "PUT" and "uploadId=" in path else None,
+        on_request=lambda method, path, status: created.append(path) if method == "POST" and "?uploads" in path
+        else None)
+    url = f"{s3_url}/big.bin"
+    with pytest.raises(retry.OutputUnwritable, match="AccessDenied"):
+        storage.atomic_put_file(str(big), url, options)
+    fs = fsspec.filesystem("s3", **s3_server["storage_options"])
+    key = url.removeprefix(f"s3://{s3_server['bucket']}/")
+    assert created and not [u for u in fs.list_multipart_uploads(s3_server["bucket"]) if u["Key"] == key]
+    assert not fs.exists(url)
