@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ import ray
 
 from audio_fixtures import write_audio
 from outputs import read_output
-from pipeline import cli, manifest, runner
+from pipeline import cli, manifest, retry, runner, scheduler
+from pipeline.types import Shard
 
 CLIPS = 16
 
@@ -102,3 +104,38 @@ def test_a_read_only_or_nearly_full_output_is_refused_at_the_start(tmp_path, tmp
     tmpfs("ro")
     code, lines = run_cli(args, capsys)
     assert code == 1 and len(lines) == 1 and "Read-only file system" in lines[0], lines
+
+
+@ray.remote
+class StubEncoder:
+    """An encoder whose commits find the output full (shard ``full``), take long (``slow``) or succeed."""
+
+    def info(self) -> dict:
+        return {"device": "cpu", "gpu_ids": [], "node": ray.get_runtime_context().get_node_id()}
+
+    def process(self, shard_id: str) -> dict:
+        if shard_id == "slow":
+            time.sleep(60)
+        if shard_id == "full":
+            raise retry.OutputUnwritable("cannot write out/data/full.parquet: [Errno 28] No space left on device")
+        return {"shard": shard_id}
+
+
+def test_the_scheduler_drains_for_a_bounded_time_and_starts_nothing_more(monkeypatch):
+    """Two slots: ``slow`` is in flight when ``full`` fails; nothing else is started, ``slow`` is waited for
+    DRAIN_WAIT_S only, and the error is raised with every shard accounted for."""
+    monkeypatch.setattr(scheduler, "DRAIN_WAIT_S", 2.0)
+    pool = scheduler.EncoderPool(StubEncoder.options(max_concurrency=2).remote, fixed=1, use_gpus=False, slots=2)
+    jobs = [scheduler.Job(Shard(name, "files", "x", "x", ""), carry=False) for name in ("slow", "full", "a", "b")]
+    done = []
+    run = scheduler.Scheduler(pool, jobs, submit=lambda e, job: e.handle.process.remote(job.shard.shard_id),
+                              on_done=done.append, shard_retries=0, encoder_wait_s=60, wait_log_s=60)
+    started = time.monotonic()
+    with pytest.raises(retry.OutputUnwritable):
+        try:
+            run.run(lambda: None)
+        finally:
+            pool.shutdown()
+    assert time.monotonic() - started < 20
+    assert not done and sorted(run.errors) == ["a", "b", "full", "slow"]
+    assert run.errors["a"].startswith("not started") and run.errors["slow"].startswith("not finished")

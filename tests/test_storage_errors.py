@@ -80,7 +80,7 @@ def test_gcsfs_http_errors():
 
 
 def test_gcsfs_forbidden_without_gcsfs():
-    """gcsfs's answer to a 403 is a plain ``OSError("Forbidden: {path}\\n{message}")`` (gcsfs.retry.validate_response)."""
+    """gcsfs answers a 403 with a plain ``OSError("Forbidden: {path}\\n{message}")`` (its retry.validate_response)."""
     assert not retry.is_transient(OSError("Forbidden: bucket/x.wav\ndenied"))
 
 
@@ -143,7 +143,8 @@ def test_local_eacces_at_open_fails_the_clip_not_the_attempt(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     clips, failures = json.loads(result.stdout.strip().splitlines()[-1])
     assert clips == ["b.wav"]
-    assert [(f[0], f[1], f[2]) for f in failures] == [("a.wav", "read", "PermissionError")] and "Errno 13" in failures[0][3]
+    assert [(f[0], f[1], f[2]) for f in failures] == [("a.wav", "read", "PermissionError")]
+    assert "Errno 13" in failures[0][3]
 
 
 # --- S3, end to end through the fault proxy ---------------------------------------------------------------------
