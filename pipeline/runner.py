@@ -191,8 +191,10 @@ class _Every:
 
 
 def _encode(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, schema: pa.Schema | None,
-            done: dict[str, dict], periodic: Callable[[], None]) -> dict[str, str]:
-    """Encode the plan's pending shards on the encoder pool; return the shards given up on."""
+            done: dict[str, dict], periodic: Callable[[], None]
+            ) -> tuple[dict[str, str], retry.OutputUnwritable | None]:
+    """Encode the plan's pending shards on the encoder pool; return the shards given up on, and the error that
+    stopped the run when the output could not be written."""
     resources = ray.cluster_resources()
     use_gpus = cfg.device != "cpu" and resources.get("GPU", 0) > 0
     if cfg.device == "cuda" and not resources.get("GPU", 0):
@@ -223,7 +225,7 @@ def _encode(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output,
                           on_done=on_done, shard_retries=cfg.shard_retries, encoder_wait_s=cfg.encoder_wait_s,
                           wait_log_s=cfg.progress_interval_s)
     try:
-        return scheduler.run(periodic)
+        return scheduler.run(periodic), scheduler.fatal
     finally:
         pool.shutdown()
 
@@ -314,17 +316,14 @@ def _work(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, s
         lock.check()
         progress()
 
-    unwritable: retry.OutputUnwritable | None = None
+    unwritable: retry.OutputUnwritable | None = None  # the run stops; what is committed is kept
     with _ray_session(cfg):
         _, errors = _run_steps(output, "retiring files the listing no longer matches",
                                [(r.shard_id, "retire", (r,)) for r in plan.retire], periodic)
         if errors:  # encoding now could write a clip that a stale file still holds: stop here
             log.error("%d stale file(s) could not be retired; nothing is encoded this run", len(errors))
         elif plan.pending:
-            try:
-                errors = _encode(cfg, plan, model_files, output, schema, done, periodic)
-            except retry.OutputUnwritable as exc:  # the run stops; what is committed is kept
-                unwritable = exc
+            errors, unwritable = _encode(cfg, plan, model_files, output, schema, done, periodic)
         records = manifest.load_done(cfg.output, options)  # what storage holds now: the one truth for the manifest
         if unwritable is None:
             errors.update(_unify_schema(cfg, output, records, periodic))

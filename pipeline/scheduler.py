@@ -14,7 +14,7 @@
   outlasted the retry window) is retried after a backoff, ``shard_retries`` times, then left undone.
 * An output that cannot be written (full, read-only, denied: :class:`~pipeline.retry.OutputUnwritable` from a
   commit) stops the run: no shard is started any more, the shards in flight are waited for (at most
-  ``DRAIN_WAIT_S``; what they commit is kept), the rest are left undone, and :meth:`Scheduler.run` raises it.
+  ``DRAIN_WAIT_S``; what they commit is kept), the rest are left undone, and :attr:`Scheduler.fatal` says why.
 * Every wait is bounded: the loop wakes at least every second, logs what it is waiting for when nothing has
   happened for ``progress_interval_s``, and calls the run's periodic work (progress, lock check).
 """
@@ -153,8 +153,8 @@ class Scheduler:
         self.drain_until = 0.0
 
     def run(self, periodic: Callable[[], None]) -> dict[str, str]:
-        """Until every shard is done or given up; returns the shards given up on, with why. Raises
-        :class:`~pipeline.retry.OutputUnwritable` once the shards in flight when it was met have finished."""
+        """Until every shard is done or given up; returns the shards given up on, with why. When the output cannot
+        be written, stops early (see the module docstring) with :attr:`fatal` set."""
         self.pool.maintain(force=True)
         while (self.queue and not self.fatal) or self._in_flight():
             if self.fatal and time.time() >= self.drain_until:
@@ -173,7 +173,6 @@ class Scheduler:
             for job in self.queue:
                 self.errors[job.shard.shard_id] = f"not started: {self.fatal}"
             log.error("%d shard(s) not started because the output cannot be written", len(self.queue))
-            raise self.fatal
         return self.errors
 
     def _in_flight(self) -> list[Job]:
