@@ -24,6 +24,7 @@ from audio_fixtures import write_audio
 from pipeline import manifest, retry, storage
 from pipeline.config import RunConfig
 from pipeline.runner import run
+from pipeline.sources.common import read_failure
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,17 +107,43 @@ def test_azure_http_response_errors(status, code, transient):
     assert retry.is_transient(_azure_error(status, code)) is transient
 
 
+def _hub_error(status: int) -> OSError:
+    """What ``hf_raise_for_status`` raises for a Hub answer (RepositoryNotFoundError, HfHubHTTPError, ...)."""
+    httpx2 = pytest.importorskip("httpx2", reason="this huggingface_hub's responses are not httpx2's")
+    from huggingface_hub.utils import hf_raise_for_status
+
+    try:
+        hf_raise_for_status(httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co/x")))
+    except OSError as exc:
+        return exc
+    raise AssertionError(f"no error for HTTP {status}")
+
+
 @pytest.mark.parametrize("status,transient", [(429, True), (500, True), (503, True), (401, True), (403, False),
                                               (404, False)])
 def test_huggingface_hub_http_errors(status, transient):
-    """What ``hf_raise_for_status`` raises for a Hub answer (RepositoryNotFoundError, HfHubHTTPError, ...)."""
-    import httpx2
-    from huggingface_hub.utils import hf_raise_for_status
+    exc = _hub_error(status)
+    assert retry.is_transient(exc) is transient, type(exc)
 
-    response = httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co/api/x"))
-    with pytest.raises(OSError) as raised:
-        hf_raise_for_status(response)
-    assert retry.is_transient(raised.value) is transient, type(raised.value)
+
+@pytest.mark.parametrize("make,answer", [
+    (lambda: s3_error("InvalidObjectState", 403), "InvalidObjectState, HTTP 403"),
+    (lambda: s3_error("SlowDown", 503), None),
+    (lambda: _azure_error(409, "BlobArchived"), "BlobArchived, HTTP 409"),
+    (lambda: _azure_error(503, "ServerBusy"), None),
+    (lambda: _hub_error(403), "HTTP 403"),
+    (lambda: _hub_error(429), None),
+])
+def test_a_read_error_fails_the_clip_or_the_attempt(make, answer):
+    """The decision every reader makes (``read_failure``): a permanent error is the clip's recorded failure, with
+    the store's answer first in its message; a transient one is raised (it fails the attempt)."""
+    exc = make()
+    if answer is None:
+        with pytest.raises(type(exc)):
+            read_failure("clip", "s3://b/clip.wav", exc)
+        return
+    failure = read_failure("clip", "s3://b/clip.wav", exc)
+    assert failure.stage == "read" and failure.message.startswith(answer + ": "), failure
 
 
 def test_local_eacces_at_open_fails_the_clip_not_the_attempt(tmp_path):
