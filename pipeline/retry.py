@@ -196,11 +196,12 @@ def answer_of(exc: BaseException) -> str:
 
 def output_unwritable(exc: BaseException) -> bool:
     """Whether ``exc``, raised by a write to the output, says the output cannot be written: a full, over-quota or
-    read-only disk, a denied write, or a store's permanent refusal."""
-    if is_transient(exc):
+    read-only disk, a denied write, a missing bucket. A failed condition (409, 412, ``FileExistsError``: another
+    writer got there first) is not that."""
+    if is_transient(exc) or any(isinstance(e, FileExistsError) for e in _chain(exc)):
         return False
-    return any(isinstance(e, OutputUnwritable) or _store_verdict(e) is False
-               or (isinstance(e, OSError) and e.errno in OUTPUT_FATAL_ERRNOS) for e in _chain(exc))
+    return any(isinstance(e, OutputUnwritable) or (isinstance(e, OSError) and e.errno in OUTPUT_FATAL_ERRNOS)
+               or store_answer(e)[0] in PERMANENT_CODES or store_answer(e)[1] in (403, 404) for e in _chain(exc))
 
 
 def brief(exc: BaseException) -> str:

@@ -66,6 +66,8 @@ def test_local_errors_and_timeouts():
     assert not retry.is_transient(retry.OutputUnwritable("cannot write x"))
     assert retry.output_unwritable(s3_error("AccessDenied", 403, "PutObject"))
     assert not retry.output_unwritable(s3_error("SlowDown", 503, "PutObject"))
+    assert not retry.output_unwritable(s3_error("PreconditionFailed", 412, "PutObject"))  # a conditional write lost
+    assert not retry.output_unwritable(FileExistsError(errno.EEXIST, "exists", "/x/_state/lock.json"))
 
 
 def test_gcsfs_http_errors():
