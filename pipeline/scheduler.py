@@ -283,7 +283,8 @@ class Scheduler:
         busy = [(encoder, job) for encoder in self.pool.ready() for job in encoder.jobs.values()]
         oldest = max((now - job.since for _, job in busy), default=0.0)
         parts = [f"{len(busy)} shard(s) on {len(self.pool.ready())} encoder(s) up (longest {oldest:.0f} s)",
-                 f"{len(self.queue)} queued"]
+                 f"{len(self.queue)} queued" + (" (not to be started: the output cannot be written)" if self.fatal
+                                                else "")]
         starting = self.pool.starting()
         if starting:
             parts.append(f"{len(starting)} encoder(s) waiting to be placed (longest "
