@@ -1,6 +1,6 @@
 """Errors classified by what the store says (provider code, HTTP status, errno), on the real clients' exception
-objects; S3 end to end through the fault proxy: an archived or denied object fails its clip (recorded, with the
-store's code) while the rest of its shard is written; the retry window bounds a call whatever the client does."""
+objects; through the fault proxy, the retry window bounds a call whatever the client does, and a failed multipart
+upload is aborted. Whole runs that meet these errors: tests/test_runs_on_bad_storage.py."""
 
 from __future__ import annotations
 
@@ -15,15 +15,12 @@ from pathlib import Path
 
 import fsspec
 import pytest
-import ray
 from botocore.exceptions import ClientError
 from fsspec.exceptions import FSTimeoutError
 from s3fs.errors import translate_boto_error
 
 from audio_fixtures import write_audio
-from pipeline import manifest, retry, storage
-from pipeline.config import RunConfig
-from pipeline.runner import run
+from pipeline import retry, storage
 from pipeline.sources.common import read_failure
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,54 +171,6 @@ def test_local_eacces_at_open_fails_the_clip_not_the_attempt(tmp_path):
     assert clips == ["b.wav"]
     assert [(f[0], f[1], f[2]) for f in failures] == [("a.wav", "read", "PermissionError")]
     assert "Errno 13" in failures[0][3]
-
-
-# --- S3, end to end through the fault proxy ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-def test_archived_and_denied_objects_fail_their_clips_the_rest_is_written(ray_cluster, tmp_path, s3_server, s3_url,
-                                                                          fault_proxy, tiny_model_path):
-    """GETs of one object answer 403 InvalidObjectState (archived), of another 403 AccessDenied, of a third 503
-    SlowDown twice: the first two are recorded as ``read`` failures naming the store's code, everything else of
-    their shard (the throttled clip included) is encoded, and the run ends complete."""
-    for i in range(6):
-        write_audio(tmp_path / "in" / f"utt{i}.wav", "wav_pcm16", 16_000, 0.3, seed=i)
-    fsspec.filesystem("s3", **s3_server["storage_options"]).put(f"{tmp_path / 'in'}/", f"{s3_url}/in/",
-                                                                recursive=True)
-    throttled = []
-
-    def answer(method: str, path: str):
-        if method == "GET" and path.endswith("/in/utt1.wav"):
-            return 403, "InvalidObjectState"
-        if method == "GET" and path.endswith("/in/utt2.wav"):
-            return 403, "AccessDenied"
-        if method == "GET" and path.endswith("/in/utt3.wav") and len(throttled) < 2:
-            throttled.append(path)
-            return 503, "SlowDown"
-        return None
-
-    _, options = fault_proxy(answer=answer)
-    cfg = RunConfig(input=f"{s3_url}/in", output=f"{s3_url}/out", model=tiny_model_path, files_per_shard=64,
-                    storage_options=options, storage_retry_s=5, shard_retries=0, max_failure_share=0.5,
-                    device="cpu")
-    started = time.monotonic()
-    assert run(cfg) == 0
-    assert time.monotonic() - started < 60
-    records, _ = manifest.load_records(cfg.output, s3_server["storage_options"])
-    [record] = records.values()
-    assert record["status"] == "done" and record["rows"] == 4, record
-    failures = {f["clip_id"]: f for f in record["failures"]}
-    assert sorted(failures) == ["utt1.wav", "utt2.wav"] and {f["stage"] for f in failures.values()} == {"read"}
-    assert failures["utt1.wav"]["message"].startswith("InvalidObjectState, HTTP 403")
-    assert failures["utt2.wav"]["message"].startswith("AccessDenied, HTTP 403")
-    assert len(throttled) == 2
 
 
 def test_the_retry_window_bounds_a_call_in_an_outage(s3_server, s3_url, fault_proxy):

@@ -1,6 +1,11 @@
-"""An output that fills up, or is read-only, stops the run at once: on a real filesystem (a small tmpfs mounted for
-the test; skipped where mounting is not permitted). What was committed is kept and valid, the shards not yet started
-are not decoded, the run ends with one error line and exit 1, and the same command completes once there is room."""
+"""Runs on storage that answers badly, on a real Ray instance.
+
+* S3 inputs (moto behind the fault proxy) that are archived or denied: those clips fail, recorded with the store's
+  code, and the rest of their shard is written.
+* An output that fills up, or is read-only, stops the run at once: on a real filesystem (a small tmpfs mounted for
+  the test; skipped where mounting is not permitted). What was committed is kept and valid, the shards not yet
+  started are not decoded, the run ends with one error line and exit 1, and the same command completes once there
+  is room."""
 
 from __future__ import annotations
 
@@ -10,12 +15,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import fsspec
 import pytest
 import ray
 
 from audio_fixtures import write_audio
 from outputs import read_output
 from pipeline import cli, manifest, retry, runner, scheduler
+from pipeline.config import RunConfig
+from pipeline.runner import run
 from pipeline.types import Shard
 
 CLIPS = 16
@@ -26,6 +34,44 @@ def ray_cluster():
     ray.init(num_cpus=4, include_dashboard=False)
     yield
     ray.shutdown()
+
+
+def test_archived_and_denied_objects_fail_their_clips_the_rest_is_written(tmp_path, s3_server, s3_url, fault_proxy,
+                                                                          tiny_model_path):
+    """GETs of one object answer 403 InvalidObjectState (archived), of another 403 AccessDenied, of a third 503
+    SlowDown twice: the first two are recorded as ``read`` failures naming the store's code, everything else of
+    their shard (the throttled clip included) is encoded, and the run ends complete."""
+    for i in range(6):
+        write_audio(tmp_path / "in" / f"utt{i}.wav", "wav_pcm16", 16_000, 0.3, seed=i)
+    fsspec.filesystem("s3", **s3_server["storage_options"]).put(f"{tmp_path / 'in'}/", f"{s3_url}/in/",
+                                                                recursive=True)
+    throttled = []
+
+    def answer(method: str, path: str):
+        if method == "GET" and path.endswith("/in/utt1.wav"):
+            return 403, "InvalidObjectState"
+        if method == "GET" and path.endswith("/in/utt2.wav"):
+            return 403, "AccessDenied"
+        if method == "GET" and path.endswith("/in/utt3.wav") and len(throttled) < 2:
+            throttled.append(path)
+            return 503, "SlowDown"
+        return None
+
+    _, options = fault_proxy(answer=answer)
+    cfg = RunConfig(input=f"{s3_url}/in", output=f"{s3_url}/out", model=tiny_model_path, files_per_shard=64,
+                    storage_options=options, storage_retry_s=5, shard_retries=0, max_failure_share=0.5,
+                    device="cpu")
+    started = time.monotonic()
+    assert run(cfg) == 0
+    assert time.monotonic() - started < 60
+    records, _ = manifest.load_records(cfg.output, s3_server["storage_options"])
+    [record] = records.values()
+    assert record["status"] == "done" and record["rows"] == 4, record
+    failures = {f["clip_id"]: f for f in record["failures"]}
+    assert sorted(failures) == ["utt1.wav", "utt2.wav"] and {f["stage"] for f in failures.values()} == {"read"}
+    assert failures["utt1.wav"]["message"].startswith("InvalidObjectState, HTTP 403")
+    assert failures["utt2.wav"]["message"].startswith("AccessDenied, HTTP 403")
+    assert len(throttled) == 2
 
 
 @pytest.fixture
@@ -128,14 +174,14 @@ def test_the_scheduler_drains_for_a_bounded_time_and_starts_nothing_more(monkeyp
     pool = scheduler.EncoderPool(StubEncoder.options(max_concurrency=2).remote, fixed=1, use_gpus=False, slots=2)
     jobs = [scheduler.Job(Shard(name, "files", "x", "x", ""), carry=False) for name in ("slow", "full", "a", "b")]
     done = []
-    run = scheduler.Scheduler(pool, jobs, submit=lambda e, job: e.handle.process.remote(job.shard.shard_id),
-                              on_done=done.append, shard_retries=0, encoder_wait_s=60, wait_log_s=60)
+    stopping = scheduler.Scheduler(pool, jobs, submit=lambda e, job: e.handle.process.remote(job.shard.shard_id),
+                                   on_done=done.append, shard_retries=0, encoder_wait_s=60, wait_log_s=60)
     started = time.monotonic()
     try:
-        errors = run.run(lambda: None)
+        errors = stopping.run(lambda: None)
     finally:
         pool.shutdown()
     assert time.monotonic() - started < 20
-    assert isinstance(run.fatal, retry.OutputUnwritable) and "No space left" in str(run.fatal)
+    assert isinstance(stopping.fatal, retry.OutputUnwritable) and "No space left" in str(stopping.fatal)
     assert not done and sorted(errors) == ["a", "b", "full", "slow"]
     assert errors["a"].startswith("not started") and errors["slow"].startswith("not finished")
