@@ -17,7 +17,7 @@ from collections.abc import Callable
 from mimi import CheckpointError
 from pipeline import manifest
 from pipeline.config import ConfigError, RunConfig, load_config
-from pipeline.retry import StorageUnavailable
+from pipeline.retry import OutputUnwritable, StorageUnavailable
 from pipeline.runner import RunError, run
 from pipeline.lock import OutputLockedError
 
@@ -250,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     except EXPECTED_ERRORS as exc:
         print(f"mimi-tokenize {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OutputUnwritable as exc:  # full, read-only or denied: the run stopped at once, keeping what it committed
+        print(f"mimi-tokenize {args.command}: error: {exc}; what was committed is kept: make room (or make the "
+              "output writable) and run the same command again", file=sys.stderr)
+        return 1
     except StorageUnavailable as exc:  # an outage longer than storage_retry_s, mid-run: nothing is lost
         print(f"mimi-tokenize {args.command}: error: {exc}; run the same command again once the store is back",
               file=sys.stderr)

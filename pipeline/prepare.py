@@ -12,9 +12,10 @@ resampled with soxr's streaming resampler (:mod:`pipeline.resample`), and gather
 
 Memory per decode task: about two parts of audio plus one decode block, whatever the clips' lengths. A clip longer
 than ``max_clip_seconds`` (e.g. a tiny file that decodes to days of silence) stops as a recorded ``decode``
-failure, at that length. Any other error of a clip's own becomes a ``ClipFailure``: stage ``"decode"`` for
-undecodable audio, ``"resample"`` for the conversion to mono 24 kHz (channel policy included); a transient error
-(storage outage) is raised: it fails the attempt, never the clip.
+failure, at that length. Any other error of a clip's own becomes a ``ClipFailure``: stage ``"read"`` for a file
+that cannot be opened or read (denied, archived, missing), ``"decode"`` for undecodable audio, ``"resample"`` for
+the conversion to mono 24 kHz (channel policy included); a transient error (storage outage) is raised: it fails
+the attempt, never the clip.
 """
 
 from __future__ import annotations
@@ -42,6 +43,14 @@ class _ClipError(Exception):
         self.stage, self.error = stage, error
 
 
+def _own_error(exc: Exception) -> Exception:
+    """The error to raise for ``exc``, met opening or decoding a clip: itself when transient (it fails the attempt),
+    else the clip's own: a read error (an ``OSError``: denied, archived, missing) or a decode error."""
+    if retry.is_transient(exc):
+        return exc
+    return _ClipError("read" if isinstance(exc, OSError) else "decode", exc)
+
+
 def open_clip(src: ClipSource, *, channel_policy: str = "mix", max_clip_seconds: float | None = None
               ) -> tuple[int, int, Iterator[np.ndarray]]:
     """(original sample rate, original channels, blocks of mono float32 at 24 kHz) of ``src``.
@@ -49,12 +58,15 @@ def open_clip(src: ClipSource, *, channel_policy: str = "mix", max_clip_seconds:
     Raises :class:`_ClipError` for the clip's own errors (when opening, and while iterating the blocks); transient
     errors are raised as themselves.
     """
-    f = src.open()
+    try:
+        f = src.open()
+    except Exception as exc:
+        raise _own_error(exc) from exc
     try:
         reader, blocks = decode_blocks(f, src.source_uri)
     except Exception as exc:
         f.close()
-        raise exc if retry.is_transient(exc) else _ClipError("decode", exc) from exc
+        raise _own_error(exc) from exc
     try:
         resampler = MonoResampler(reader.sample_rate, reader.channels, channel_policy)
     except Exception as exc:
@@ -73,7 +85,7 @@ def open_clip(src: ClipSource, *, channel_policy: str = "mix", max_clip_seconds:
                 if len(out):
                     yield out
         except Exception as exc:
-            raise exc if retry.is_transient(exc) else _ClipError("decode", exc) from exc
+            raise _own_error(exc) from exc
         finally:
             blocks.close()
             f.close()

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 import ray
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import manifest, retry, storage
 from pipeline import schema as output_schema
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 
 ENCODER_MEMORY = 3 * 2**30  # host memory an encoder actor declares (model, batch activations, its shards' codes)
 MAINTENANCE_MEMORY = 2**30  # a retire / conform task holds one shard file's table (codes and metadata)
+MIN_FREE_BYTES = 100 * 2**20  # a run does not start on a local output disk with less free space
 # settings that change which clips a shard holds, or their codes
 SETTINGS_FIXED_ON_RESUME = ("input", "files_per_shard", "max_shard_bytes", "channel_policy", "dtype")
 
@@ -188,8 +191,10 @@ class _Every:
 
 
 def _encode(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, schema: pa.Schema | None,
-            done: dict[str, dict], periodic: Callable[[], None]) -> dict[str, str]:
-    """Encode the plan's pending shards on the encoder pool; return the shards given up on."""
+            done: dict[str, dict], periodic: Callable[[], None]
+            ) -> tuple[dict[str, str], retry.OutputUnwritable | None]:
+    """Encode the plan's pending shards on the encoder pool; return the shards given up on, and the error that
+    stopped the run when the output could not be written."""
     resources = ray.cluster_resources()
     use_gpus = cfg.device != "cpu" and resources.get("GPU", 0) > 0
     if cfg.device == "cuda" and not resources.get("GPU", 0):
@@ -220,7 +225,7 @@ def _encode(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output,
                           on_done=on_done, shard_retries=cfg.shard_retries, encoder_wait_s=cfg.encoder_wait_s,
                           wait_log_s=cfg.progress_interval_s)
     try:
-        return scheduler.run(periodic)
+        return scheduler.run(periodic), scheduler.fatal
     finally:
         pool.shutdown()
 
@@ -250,12 +255,14 @@ def run(cfg: RunConfig) -> int:
 
     Returns 0, or 1 when some shards could not be completed or failed clips exceed ``max_failure_share``.
     Raises :class:`RunError`, ``OutputLockedError``, ``IncompatibleOutputError`` or ``CheckpointError`` when the run
-    cannot start.
+    cannot start, and :class:`~pipeline.retry.OutputUnwritable` when the output cannot be written (the run stops
+    at once, keeping what it committed).
     """
     if not cfg.input or not cfg.output:
         raise RunError("input and output are required (--input URL --output URL, or in the config file)")
     cfg = dataclasses.replace(cfg, input=_absolute(cfg.input), output=_absolute(cfg.output))
     retry.set_policy(retry.RetryPolicy(outage_s=cfg.storage_retry_s))
+    _check_free_space(cfg.output, cfg.output_options())
     session_start = time.time()
     model_files = load_model_files(cfg.model, cfg.revision, cfg.num_codebooks)
     if model_files.untrained:
@@ -310,21 +317,29 @@ def _work(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, s
         lock.check()
         progress()
 
+    unwritable: retry.OutputUnwritable | None = None  # the run stops; what is committed is kept
     with _ray_session(cfg):
         _, errors = _run_steps(output, "retiring files the listing no longer matches",
                                [(r.shard_id, "retire", (r,)) for r in plan.retire], periodic)
         if errors:  # encoding now could write a clip that a stale file still holds: stop here
             log.error("%d stale file(s) could not be retired; nothing is encoded this run", len(errors))
         elif plan.pending:
-            errors = _encode(cfg, plan, model_files, output, schema, done, periodic)
+            errors, unwritable = _encode(cfg, plan, model_files, output, schema, done, periodic)
         records = manifest.load_done(cfg.output, options)  # what storage holds now: the one truth for the manifest
-        errors.update(_unify_schema(cfg, output, records, periodic))
+        if unwritable is None:
+            errors.update(_unify_schema(cfg, output, records, periodic))
     final = manifest.build_manifest(cfg.output, run_record, plan.shards, records, started=session_start,
                                     finished=time.time(), changes=plan.changes)
     if errors:
         final["shard_errors"] = errors
-    with output.writing():
-        manifest.write_manifest(cfg.output, final, options)
+    try:
+        with output.writing():
+            manifest.write_manifest(cfg.output, final, options)
+    except retry.OutputUnwritable as exc:
+        log.error("the manifest could not be written: %s", exc)
+        unwritable = unwritable or exc
+    if unwritable is not None:
+        raise unwritable
     return final
 
 
@@ -336,6 +351,19 @@ def _log_plan(cfg: RunConfig, plan: Plan) -> None:
         log.info("listing changed: %d shard(s) added, %d changed, %d removed; %d clip(s) new, %d gone (%s)",
                  shards["added"], shards["changed"], shards["removed"], clips["new"], clips["gone"],
                  "pruned" if plan.changes["prune"] else "their rows are kept; --prune drops them")
+
+
+def _check_free_space(url: str, storage_options: dict[str, Any]) -> None:
+    """Refuse to start when ``url`` is on a local disk with less than :data:`MIN_FREE_BYTES` free."""
+    fs, path = storage.get_fs(url, storage_options)
+    if not isinstance(fs, LocalFileSystem):
+        return
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    free = shutil.disk_usage(path).free
+    if free < MIN_FREE_BYTES:
+        raise RunError(f"only {free / 2**20:.1f} MB free on the disk of {url} ({path}); a run needs at least "
+                       f"{MIN_FREE_BYTES / 2**20:.0f} MB there (MIN_FREE_BYTES): make room, or write elsewhere")
 
 
 def _absolute(url: str) -> str:

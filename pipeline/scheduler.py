@@ -12,6 +12,9 @@
   (at most ``shard_retries + 2`` losses per shard, so a shard that kills every encoder is given up). A broken
   encoder (sticky CUDA error) is replaced the same way. A shard whose attempt fails (a transient error that
   outlasted the retry window) is retried after a backoff, ``shard_retries`` times, then left undone.
+* An output that cannot be written (full, read-only, denied: :class:`~pipeline.retry.OutputUnwritable` from a
+  commit) stops the run: no shard is started any more, the shards in flight are waited for (at most
+  ``DRAIN_WAIT_S``; what they commit is kept), the rest are left undone, and :attr:`Scheduler.fatal` says why.
 * Every wait is bounded: the loop wakes at least every second, logs what it is waiting for when nothing has
   happened for ``progress_interval_s``, and calls the run's periodic work (progress, lock check).
 """
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 POOL_CHECK_S = 2.0  # how often the pool is matched to the cluster
 START_FAILURES_FATAL = 3  # consecutive encoder start failures, with none ever up, that stop the run
 RETRY_BACKOFF_S = 15.0  # base delay before a failed attempt is retried (exponential, jittered)
+DRAIN_WAIT_S = 120.0  # once the output cannot be written: how long the shards in flight may take to finish
 
 
 @dataclass
@@ -145,17 +149,34 @@ class Scheduler:
         self.errors: dict[str, str] = {}  # shards given up on this run → why
         self.last_event = time.time()
         self.no_encoder_since: float | None = None
+        self.fatal: retry.OutputUnwritable | None = None  # the output cannot be written: stop
+        self.drain_until = 0.0
 
     def run(self, periodic: Callable[[], None]) -> dict[str, str]:
-        """Until every shard is done or given up; returns the shards given up on, with why."""
+        """Until every shard is done or given up; returns the shards given up on, with why. When the output cannot
+        be written, stops early (see the module docstring) with :attr:`fatal` set."""
         self.pool.maintain(force=True)
-        while self.queue or any(e.jobs for e in self.pool.encoders.values()):
-            self.pool.maintain()
-            self._assign()
+        while (self.queue and not self.fatal) or self._in_flight():
+            if self.fatal and time.time() >= self.drain_until:
+                log.error("stopping without waiting longer for %d shard(s) in flight (%.0f s, DRAIN_WAIT_S)",
+                          len(self._in_flight()), DRAIN_WAIT_S)
+                for job in self._in_flight():
+                    self.errors[job.shard.shard_id] = f"not finished: {self.fatal}"
+                break
+            if not self.fatal:
+                self.pool.maintain()
+                self._assign()
             self._wait()
             self._watch()
             periodic()
+        if self.fatal:
+            for job in self.queue:
+                self.errors[job.shard.shard_id] = f"not started: {self.fatal}"
+            log.error("%d shard(s) not started because the output cannot be written", len(self.queue))
         return self.errors
+
+    def _in_flight(self) -> list[Job]:
+        return [job for encoder in self.pool.encoders.values() for job in encoder.jobs.values()]
 
     def _assign(self) -> None:
         now = time.time()
@@ -196,6 +217,9 @@ class Scheduler:
                 self._lost(lost, "its encoder died")
             return
         except RayTaskError as exc:
+            if isinstance(exc.cause, retry.OutputUnwritable):
+                self._stop(job, exc.cause)
+                return
             if type(exc.cause).__name__ == "EncoderBroken":
                 log.warning("encoder %d is broken (%s); replacing it", encoder.index, retry.brief(exc))
                 for lost in [job, *self.pool.remove(encoder)]:
@@ -225,6 +249,14 @@ class Scheduler:
         job.not_before = time.time() + delay
         self.queue.append(job)
 
+    def _stop(self, job: Job, error: retry.OutputUnwritable) -> None:
+        """``job``'s commit found the output unwritable: give it up, start no more shards, drain those in flight."""
+        self._give_up(job, str(error))
+        if self.fatal is None:
+            self.fatal, self.drain_until = error, time.time() + DRAIN_WAIT_S
+            log.error("%s: the output cannot be written; no more shards are started; waiting up to %.0f s for the "
+                      "%d shard(s) in flight", error, DRAIN_WAIT_S, len(self._in_flight()))
+
     def _give_up(self, job: Job, reason: str) -> None:
         log.error("giving up on shard %s for this run: %s", job.shard.shard_id, reason)
         self.errors[job.shard.shard_id] = reason
@@ -251,7 +283,8 @@ class Scheduler:
         busy = [(encoder, job) for encoder in self.pool.ready() for job in encoder.jobs.values()]
         oldest = max((now - job.since for _, job in busy), default=0.0)
         parts = [f"{len(busy)} shard(s) on {len(self.pool.ready())} encoder(s) up (longest {oldest:.0f} s)",
-                 f"{len(self.queue)} queued"]
+                 f"{len(self.queue)} queued" + (" (not to be started: the output cannot be written)" if self.fatal
+                                                else "")]
         starting = self.pool.starting()
         if starting:
             parts.append(f"{len(starting)} encoder(s) waiting to be placed (longest "

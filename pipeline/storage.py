@@ -7,11 +7,19 @@ with backoff for the retry window before they fail the operation.
 Atomic writes: every output is first written completely to a local file, then published in one step:
 
 * filesystems with a real rename (local disk, and any non-object-store fsspec backend): the file is
-  written as ``.{name}.tmp-{uuid}`` in the destination folder and renamed over the final name;
+  written as ``.{name}.tmp-{uuid}`` in the destination folder and renamed over the final name (on local disk the
+  file is fsynced before the rename and its folder after, so a power loss never leaves a renamed empty file);
 * object stores (S3, GCS, Azure, memory): the complete file is uploaded straight to the final key. A
   store publishes an object only when its (single or multipart) upload completes, so readers never see
   a partial object, and an interrupted upload leaves nothing behind, where a temporary key plus
-  copy+delete would leave an orphan and copy every byte twice.
+  copy+delete would leave an orphan and copy every byte twice. A failed multipart upload is aborted by s3fs; the
+  parts of one killed mid-upload stay until a bucket lifecycle rule (``AbortIncompleteMultipartUpload``) drops them.
+
+A write that finds the output full, over quota, read-only or denied raises :class:`~pipeline.retry.OutputUnwritable`
+(never retried): the run stops.
+
+Clients' own retries are kept small (:func:`get_fs`), so that one call through :func:`pipeline.retry.call` never
+outlasts the retry window by more than a few seconds: the window, not the client, decides.
 """
 
 from __future__ import annotations
@@ -36,11 +44,23 @@ from pipeline import retry
 log = logging.getLogger(__name__)
 
 OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
+# botocore's retries and timeouts for one call (a user's `config_kwargs` entries win): botocore's defaults (5 legacy
+# attempts) times s3fs's 5 retries let one call run for tens of seconds past the retry window
+S3_CLIENT_CONFIG = {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 5, "read_timeout": 30}
+S3FS_RETRIES = 2  # s3fs's own retry loop around each botocore call
 
 
 def get_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem for ``url`` and the path inside it (no protocol)."""
-    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    """The filesystem for ``url`` and the path inside it (no protocol); on S3, with the client's retries bounded
+    (:data:`S3_CLIENT_CONFIG`, :data:`S3FS_RETRIES`) so that :func:`pipeline.retry.call` decides."""
+    options = dict(storage_options or {})
+    s3 = url.split("://", 1)[0] in ("s3", "s3a")
+    if s3:
+        options["config_kwargs"] = {**S3_CLIENT_CONFIG, **options.get("config_kwargs", {})}
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    if s3:
+        fs.retries = S3FS_RETRIES
+    return fs, path
 
 
 def join(url: str, *parts: str) -> str:
@@ -61,22 +81,57 @@ def _tmp_sibling(path: str) -> str:
     return posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
 
 
+@contextmanager
+def _writing(url: str) -> Iterator[None]:
+    """Raise :class:`~pipeline.retry.OutputUnwritable` for an error that says ``url`` cannot be written."""
+    try:
+        yield
+    except retry.OutputUnwritable:
+        raise
+    except Exception as exc:
+        if not retry.output_unwritable(exc):
+            raise
+        answer = retry.answer_of(exc)
+        raise retry.OutputUnwritable(f"cannot write {url}: {retry.brief(exc)}"
+                                     + (f" ({answer})" if answer else "")) from exc
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish_local(tmp: str, path: str) -> None:
+    """Rename the complete local file ``tmp`` over ``path``, durably: the file is on disk before it gets its name,
+    and the name is on disk when this returns."""
+    _fsync_path(tmp)
+    os.replace(tmp, path)
+    _fsync_path(os.path.dirname(path))
+
+
 def atomic_put_file(local_path: str, url: str, storage_options: dict[str, Any] | None = None) -> None:
     """Publish a complete local file at ``url``: readers see either nothing (or the old file) or all of it."""
     fs, path = get_fs(url, storage_options)
     what = f"write {url}"
-    if _is_object_store(fs):
-        retry.call(fs.put_file, local_path, path, what=what)  # one upload: the object appears only once complete
-        return
-    retry.call(fs.makedirs, posixpath.dirname(path), exist_ok=True, what=what)
-    tmp = _tmp_sibling(path)
-    try:
-        retry.call(fs.put_file, local_path, tmp, what=what)
-        retry.call(fs.mv, tmp, path, what=what)
-    except BaseException:
-        if fs.exists(tmp):
-            fs.rm(tmp)
-        raise
+    with _writing(url):
+        if _is_object_store(fs):
+            retry.call(fs.put_file, local_path, path, what=what)  # one upload: the object appears only once complete
+            return
+        retry.call(fs.makedirs, posixpath.dirname(path), exist_ok=True, what=what)
+        tmp = _tmp_sibling(path)
+        try:
+            retry.call(fs.put_file, local_path, tmp, what=what)
+            if isinstance(fs, LocalFileSystem):
+                _publish_local(tmp, path)
+            else:
+                retry.call(fs.mv, tmp, path, what=what)
+        except BaseException:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+            raise
 
 
 @contextmanager
@@ -85,24 +140,26 @@ def atomic_output(url: str, storage_options: dict[str, Any] | None = None) -> It
 
     On local disk the path is a hidden temporary file next to the destination (published by rename, no
     copy); otherwise it is a local temporary file that is uploaded on exit. If the block raises, the
-    temporary file is deleted and ``url`` is left untouched.
+    temporary file is deleted and ``url`` is left untouched. A full, read-only or denied output raises
+    :class:`~pipeline.retry.OutputUnwritable`, whether the block or the publishing found it.
     """
     fs, path = get_fs(url, storage_options)
     local_target = isinstance(fs, LocalFileSystem)
-    if local_target:
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        tmp = _tmp_sibling(path)
-    else:
-        tmp = os.path.join(tempfile.gettempdir(), f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
-    try:
-        yield tmp
+    with _writing(url):
         if local_target:
-            os.replace(tmp, path)
+            fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            tmp = _tmp_sibling(path)
         else:
-            atomic_put_file(tmp, url, storage_options)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            tmp = os.path.join(tempfile.gettempdir(), f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
+        try:
+            yield tmp
+            if local_target:
+                _publish_local(tmp, path)
+            else:
+                atomic_put_file(tmp, url, storage_options)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def atomic_write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:

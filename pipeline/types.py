@@ -13,6 +13,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from pipeline import retry
+
 SAMPLE_RATE = 24_000  # Mimi's input rate
 
 
@@ -153,4 +155,8 @@ class ClipFailure:
 
     @classmethod
     def from_exception(cls, clip_id: str, source_uri: str, stage: str, exc: BaseException) -> "ClipFailure":
-        return cls(clip_id, source_uri, stage, type(exc).__name__, str(exc)[:2000])
+        """The failure for ``exc``; the message starts with the store's answer (code, HTTP status) when there is
+        one (``AccessDenied, HTTP 403: Access Denied``)."""
+        answer = retry.answer_of(exc)
+        message = (f"{answer}: " if answer else "") + str(exc)
+        return cls(clip_id, source_uri, stage, type(exc).__name__, message[:2000])

@@ -5,9 +5,10 @@ and it fails requests the way object stores fail in production.
   reset connection (``mode`` "503", "reset" or "mixed");
 * at other times, a share ``error_rate`` of requests fail at random: ``500 InternalError``, a reset before the
   request reaches the server, or a response cut off in the middle of its body;
-* ``rule(method, path)``: a fault ("503", "500" or "reset") for chosen requests, or None, asked first (while faults
-  are on);
 * ``latency_s`` added before every GET;
+* ``answer(method, path)`` (also settable later): return ``(status, code)`` to answer that request with the
+  store's error (``(403, "InvalidObjectState")``: an archived object), or None to let it through; applied even
+  with faults off;
 * ``on_request(method, path, status)`` is called for each request the server answered, before the answer goes
   back to the client: the request took effect, and the client does not know yet (where a kill hurts most).
 
@@ -36,11 +37,11 @@ class FaultProxy:
     def __init__(self, upstream: str, *, every_s: float = 0.0, outage_s: float = 0.0, mode: str = "mixed",
                  error_rate: float = 0.0, latency_s: float = 0.0, seed: int = 0,
                  on_request: Callable[[str, str, int], None] | None = None,
-                 rule: Callable[[str, str], str | None] | None = None):
+                 answer: Callable[[str, str], tuple[int, str] | None] | None = None):
         host, port = upstream.removeprefix("http://").split(":")
         self.upstream = (host, int(port))
         self.every_s, self.outage_s, self.mode = every_s, outage_s, mode
-        self.error_rate, self.latency_s, self.on_request, self.rule = error_rate, latency_s, on_request, rule
+        self.error_rate, self.latency_s, self.on_request, self.answer = error_rate, latency_s, on_request, answer
         self.random = random.Random(seed)
         self.lock = threading.Lock()
         self.stats: Counter[str] = Counter()
@@ -89,12 +90,9 @@ class FaultProxy:
     def in_outage(self) -> bool:
         return bool(self.faults and self.every_s and (time.monotonic() - self.t0) % self.every_s < self.outage_s)
 
-    def _fault(self, method: str, path: str) -> str | None:
+    def _fault(self) -> str | None:
         if not self.faults:
             return None
-        chosen = self.rule(method, path) if self.rule is not None else None
-        if chosen is not None:
-            return chosen
         with self.lock:
             if self.in_outage():
                 return self.random.choice(["503", "reset"]) if self.mode == "mixed" else self.mode
@@ -104,19 +102,18 @@ class FaultProxy:
 
     def serve(self, handler: BaseHTTPRequestHandler) -> None:
         body = _read_body(handler)
-        fault = self._fault(handler.command, handler.path)
+        fault = self._fault()
         self.stats["requests"] += 1
+        chosen = self.answer(handler.command, handler.path) if self.answer is not None else None
+        if chosen is not None:
+            self.stats[chosen[1]] += 1
+            _error(handler, *chosen, f"{chosen[1]} (fault proxy)")
+            return
         if fault in ("503", "500"):
             self.stats[fault] += 1
             code, message = ("SlowDown", "Please reduce your request rate.") if fault == "503" else (
                 "InternalError", "We encountered an internal error. Please try again.")
-            payload = S3_ERROR.format(code=code, message=message).encode()
-            handler.send_response(int(fault))
-            handler.send_header("Content-Type", "application/xml")
-            handler.send_header("Content-Length", str(len(payload)))
-            handler.end_headers()
-            if handler.command != "HEAD":
-                handler.wfile.write(payload)
+            _error(handler, int(fault), code, message)
             return
         if fault == "reset":
             self.stats["reset"] += 1
@@ -159,6 +156,17 @@ class FaultProxy:
             return response.status, [*kept, ("Content-Length", length or "0")], payload
         finally:
             connection.close()
+
+
+def _error(handler: BaseHTTPRequestHandler, status: int, code: str, message: str) -> None:
+    """Answer with an S3 error document."""
+    payload = S3_ERROR.format(code=code, message=message).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/xml")
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    if handler.command != "HEAD":
+        handler.wfile.write(payload)
 
 
 def _read_body(handler: BaseHTTPRequestHandler) -> bytes:

@@ -68,14 +68,15 @@ def test_a_retried_commit_writes_its_kept_rows_once(tmp_path, s3_server, s3_url,
                 refusing.set()
                 threading.Timer(4.0, refusing.clear).start()
 
-    proxy, options = fault_proxy(on_request=after, rule=lambda method, path: (
-        "503" if method == "PUT" and path.endswith(f"/{shard.shard_id}.json") and refusing.is_set() else None))
+    proxy, options = fault_proxy(on_request=after, answer=lambda method, path: (
+        (503, "SlowDown") if method == "PUT" and path.endswith(f"/{shard.shard_id}.json") and refusing.is_set()
+        else None))
     proxy.set_faults(True)
     options["config_kwargs"] = {"retries": {"total_max_attempts": 1}}  # botocore's own retries would ride it out
     cfg = config(f"{s3_url}/in", f"{s3_url}/out", tiny_model_path, storage_options=options, storage_retry_s=1.5,
                  shard_retries=4)
     assert run(cfg) == 0
-    assert proxy.stats["503"] > 0 and len(data_puts) >= 3  # the record was refused, and the file written again
+    assert proxy.stats["SlowDown"] > 0 and len(data_puts) >= 3  # the record was refused, and the file written again
 
     rows = read_output(cfg.output, direct)  # asserts that no id is in two rows
     assert len(rows) == 24
@@ -226,7 +227,8 @@ def test_a_run_that_loses_its_lease_stops_writing_and_another_completes(tmp_path
             after.records.append(path)
 
     after.records = []
-    proxy, options = fault_proxy(on_request=after, rule=lambda method, path: "503" if brownout.is_set() else None)
+    proxy, options = fault_proxy(on_request=after,
+                                 answer=lambda method, path: (503, "SlowDown") if brownout.is_set() else None)
     proxy.set_faults(True)
     options["config_kwargs"] = {"retries": {"total_max_attempts": 1}}
     common = dict(files_per_shard=2, lock_lease_s=6.0, storage_retry_s=30.0, decode_tasks_per_encoder=1)

@@ -48,6 +48,33 @@ def test_atomic_output_local_publishes_only_on_clean_exit(tmp_path):
     assert os.listdir(tmp_path / "out") == ["a.bin"]  # no temporaries left
 
 
+@pytest.mark.parametrize("write", ["atomic_write_bytes", "atomic_put_file"])
+def test_local_publish_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch, write):
+    """What reaches the disk, in order (a power loss must never leave a renamed file without its bytes)."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append(("rename", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(storage.os, "fsync", fsync)
+    monkeypatch.setattr(storage.os, "replace", replace)
+    url = str(tmp_path / "out" / "a.bin")
+    if write == "atomic_put_file":
+        (tmp_path / "src.bin").write_bytes(b"hello")
+        storage.atomic_put_file(str(tmp_path / "src.bin"), url)
+    else:
+        storage.atomic_write_bytes(url, b"hello")
+    assert [e[0] for e in events] == ["fsync", "rename", "fsync"], events
+    assert os.path.basename(events[0][1]).startswith(".a.bin.tmp-") and events[1][1] == url
+    assert events[2][1] == str(tmp_path / "out")
+    assert open(url, "rb").read() == b"hello"
+
+
 def test_atomic_output_local_failure_leaves_nothing(tmp_path):
     url = str(tmp_path / "out" / "a.bin")
     storage.atomic_write_bytes(url, b"old")

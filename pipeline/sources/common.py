@@ -21,6 +21,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import retry
+from pipeline.storage import get_fs
 from pipeline.types import ClipFailure, ClipSource, Member
 
 AUDIO_EXTENSIONS = frozenset(
@@ -34,10 +35,6 @@ FETCH_AHEAD_BYTES = 128 * 2**20  # ... and at most this many bytes (files of unk
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
 ClipItem = ClipSource | ClipFailure
-
-
-def get_fs(uri: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
-    return fsspec.core.url_to_fs(uri, **(storage_options or {}))
 
 
 def open_stream(fs: fsspec.AbstractFileSystem, path: str, size: int, what: str) -> BinaryIO:
