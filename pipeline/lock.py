@@ -202,6 +202,9 @@ class RunLock:
                 self._replace({**self.held, "released": True})
             except OutputLockedError:
                 pass  # taken over meanwhile: it is not ours to release
+            except OSError as exc:  # cannot be rewritten (a full disk): delete it, if it is still ours
+                log.warning("could not mark the output's lock released (%s); deleting it", retry.brief(exc))
+                storage.remove_if(self.url, self.version, self.storage_options)
         self.held = None
 
     def start_heartbeat(self) -> None:

@@ -361,7 +361,7 @@ def write_if(url: str, data: bytes, version: str | None, storage_options: dict[s
         fs.invalidate_cache(path)
         return (response or {}).get("ETag") or retry.call(fs.info, path, what=what)["ETag"]
     if isinstance(fs, LocalFileSystem):
-        with _guard(path):
+        with _writing(url), _guard(path):
             if _local_version(path) != version:
                 raise PreconditionFailed(f"{url} was written by someone else")
             atomic_write_bytes(url, data, storage_options)
@@ -371,3 +371,16 @@ def write_if(url: str, data: bytes, version: str | None, storage_options: dict[s
         raise PreconditionFailed(f"{url} was written by someone else")
     atomic_write_bytes(url, data, storage_options)
     return hashlib.sha256(data).hexdigest()
+
+
+def remove_if(url: str, version: str | None, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete ``url`` if it is still ``version`` (under the local ``flock``; elsewhere read, compare, delete)."""
+    fs, path = get_fs(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        with _writing(url), _guard(path):
+            if _local_version(path) == version:
+                os.unlink(path)
+        return
+    current = read_versioned(url, storage_options)
+    if current is not None and current[1] == version:
+        remove(url, storage_options)

@@ -172,7 +172,7 @@ def test_the_scheduler_drains_for_a_bounded_time_and_starts_nothing_more(monkeyp
     DRAIN_WAIT_S only, and the run stops with every shard accounted for."""
     monkeypatch.setattr(scheduler, "DRAIN_WAIT_S", 2.0)
     pool = scheduler.EncoderPool(StubEncoder.options(max_concurrency=2).remote, fixed=1, use_gpus=False, slots=2)
-    jobs = [scheduler.Job(Shard(name, "files", "x", "x", ""), carry=False) for name in ("slow", "full", "a", "b")]
+    jobs = [scheduler.Job(Shard(name, "files", "x", "x", "")) for name in ("slow", "full", "a", "b")]
     done = []
     stopping = scheduler.Scheduler(pool, jobs, submit=lambda e, job: e.handle.process.remote(job.shard.shard_id),
                                    on_done=done.append, shard_retries=0, encoder_wait_s=60, wait_log_s=60)
