@@ -319,7 +319,8 @@ def build_card(repo_id: str, current: dict[str, Any], records: list[dict[str, An
                   f"> **Partial dataset: {shards_done} of {shards} shards of the run were done "
                   "when it was published.**", ""]
     lines += [
-        f"[Mimi](https://huggingface.co/kyutai/mimi) codes of {totals['clips']:,} audio clips "
+        ("Codes of an untrained Mimi-architecture model" if model.get("untrained") else
+         "[Mimi](https://huggingface.co/kyutai/mimi) codes") + f" of {totals['clips']:,} audio clips "
         f"({_hours(totals['hours'])} hours), made with `mimi-tokenize`. Each row is one clip; `codes` holds its "
         f"int16 codes, time-major `[n_frames, {k}]` ({FRAME_RATE} frames per second, {k} codebooks of "
         f"{CODEBOOK_SIZE} entries each, values 0..{CODEBOOK_SIZE - 1}).",
