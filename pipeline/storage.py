@@ -247,8 +247,8 @@ class RunLock:
         return OutputLockedError(
             f"{what}: {self.output_url} is locked by run {lock['run_id']!r} on host {lock['host']} "
             f"(pid {lock['pid']}), last heartbeat {age:.0f} s ago. If that run is dead, wait until the "
-            f"heartbeat is {self.stale_after_s:.0f} s old, or override by deleting {self.url} "
-            f"(or acquiring with force=True)."
+            f"heartbeat is {self.stale_after_s:.0f} s old (--lock-wait-s {self.stale_after_s:.0f} waits for that), "
+            f"or override by deleting {self.url}."
         )
 
     def acquire(self, force: bool = False, wait_s: float = 0.0, poll_s: float = 5.0) -> None:

@@ -143,7 +143,7 @@ def test_lock_refuses_second_live_run(tmp_path):
     assert (lock["host"], lock["pid"], lock["run_id"]) == (socket.gethostname(), os.getpid(), "run-1")
     with pytest.raises(OutputLockedError, match=r"run-1.*" + socket.gethostname()) as err:
         _lock(root, "run-2").acquire()
-    assert "lock.json" in str(err.value) and "force=True" in str(err.value)
+    assert "lock.json" in str(err.value) and "--lock-wait-s" in str(err.value)
     first.refresh()  # still ours
     first.release()
     assert not storage.exists(storage.join(root, "_state/lock.json"))
