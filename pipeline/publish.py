@@ -43,7 +43,7 @@ import yaml
 from fsspec.implementations.local import LocalFileSystem
 
 from mimi.checkpoint import sha256_file
-from pipeline import manifest, storage
+from pipeline import manifest, state, storage
 from pipeline.writer import CODEBOOK_SIZE, CORE_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -484,8 +484,8 @@ def publish(output_url: str, repo_id: str, *, private: bool = False, dry_run: bo
     """Check, stage and (unless ``dry_run``) upload the output ``output_url`` to the dataset repo ``repo_id``.
 
     ``api`` is a ``huggingface_hub.HfApi`` (default: one with :func:`hf_token`). ``staging`` defaults to a new
-    temporary folder, deleted after a successful upload; a given folder is kept, and a rerun reuses what it
-    holds. Raises :class:`PublishError` when the output must not or cannot be published.
+    temporary folder, deleted after a successful upload or a dry run; a given folder is kept, and a rerun reuses what
+    it holds. Raises :class:`PublishError` when the output must not or cannot be published.
     """
     if not _REPO_ID.fullmatch(repo_id):
         raise PublishError(f"--repo must be ORG/NAME (a Hub dataset repo id), got {repo_id!r}")
@@ -497,10 +497,7 @@ def publish(output_url: str, repo_id: str, *, private: bool = False, dry_run: bo
                                "(or use --dry-run to only stage the dataset)")
         api = make_api(token)
         del token
-    try:
-        current = manifest.read_manifest(output_url, storage_options)
-    except FileNotFoundError as exc:
-        raise PublishError(f"{manifest.redact(output_url)} has no manifest.json (no run has written there)") from exc
+    current = state.read_output(output_url, storage_options)
     done = manifest.load_done(output_url, storage_options)
     records = check_publishable(output_url, current, done, force=force, storage_options=storage_options)
     temporary = staging is None
@@ -513,15 +510,16 @@ def publish(output_url: str, repo_id: str, *, private: bool = False, dry_run: bo
         card_path.write_text(card, encoding="utf-8")
         files.append(StagedFile(README, str(card_path), card_path.stat().st_size, sha256_file(card_path)))
         result.files = files
-        if dry_run:
-            return result
-        upload(api, repo_id, str(staging), files, private=private, commit_max_files=commit_max_files,
-               commit_max_bytes=commit_max_bytes, result=result)
+        if not dry_run:
+            upload(api, repo_id, str(staging), files, private=private, commit_max_files=commit_max_files,
+                   commit_max_bytes=commit_max_bytes, result=result)
     except BaseException:
         if temporary and not dry_run:
             log.info("staging folder kept at %s: pass --staging %s to reuse it", staging, staging)
+        elif temporary:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
-    if temporary and not dry_run:
+    if temporary:  # a dry run's temporary staging is removed too: --staging keeps it
         shutil.rmtree(staging, ignore_errors=True)
     return result
 
@@ -540,9 +538,11 @@ def run_publish(output: str, repo: str, *, private: bool, dry_run: bool, force: 
     result = publish(output, repo, private=private, dry_run=dry_run, force=force, staging=staging, license=license,
                      storage_options=storage_options)
     if dry_run:
+        where = (f"staged in {result.staging}" if staging else
+                 "staged in a temporary folder, now removed (pass --staging DIR to keep the staged files)")
         print(f"dry run: would upload {len(result.files)} file(s) to the dataset repo {repo} "
-              f"({'private' if private else 'public'}), from the staging folder {result.staging} (a real publish "
-              "skips the files the repo already holds):")
+              f"({'private' if private else 'public'}), {where} (a real publish skips the files the repo already "
+              "holds):")
         for f in result.files:
             print(f"  {f.path}  {_size(f.size)}")
         print(f"total: {_size(sum(f.size for f in result.files))}")

@@ -38,7 +38,7 @@ import torch
 
 from mimi import load_mimi
 from mimi.checkpoint import is_untrained, resolve_source
-from pipeline import manifest, storage
+from pipeline import manifest, state, storage
 from pipeline.config import ConfigError
 from pipeline.prepare import prepare_clip
 from pipeline.types import SAMPLE_RATE, Clip, ClipFailure, ClipSource
@@ -189,6 +189,7 @@ def decode_npz(in_npz: str | Path, out_wav: str | Path, *, model: str | None = N
 
 def read_run_identity(output: str, storage_options: dict | None = None) -> dict[str, Any]:
     """The output's manifest.json (or, while a first run has not written one yet, ``_state/run.json``)."""
+    state.check_folder(output, storage_options)
     for path in (manifest.MANIFEST_PATH, manifest.RUN_PATH):
         try:
             return storage.read_json(storage.join(output, path), storage_options)
