@@ -376,14 +376,14 @@ def save_checkpoint(state: dict[str, torch.Tensor], path: str | Path, layout: st
     ``untrained`` labels the weights as generated in the file's metadata (:data:`UNTRAINED_KEY`)."""
     model = MimiModel(cfg)
     tensors = to_layout(state, model, layout)
-    metadata = {"format": "pt", **({UNTRAINED_KEY: "true"} if untrained else {})}
+    metadata = {UNTRAINED_KEY: "true"} if untrained else {}
     path = Path(path)
     if layout == "transformers":
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2))
-        path = path / HF_FILENAME
+        path, metadata = path / HF_FILENAME, {"format": "pt", **metadata}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    save_file(tensors, str(path), metadata=metadata or None)
     return path
 
 
