@@ -84,22 +84,26 @@ def read_output(url: str, storage_options: dict[str, Any] | None = None) -> dict
 
 
 def _before_manifest(url: str, storage_options: dict[str, Any] | None) -> tuple[str, str]:
-    """The message and status of an output whose run has not written its manifest yet."""
+    """The message and status of an output whose run has not written its manifest yet (or not even its identity:
+    a run that just took the lock)."""
     where = manifest.redact(url)
+    lock = live_lock(url, storage_options)
     try:
         run = storage.read_json(storage.join(url, manifest.RUN_PATH), storage_options)
     except (FileNotFoundError, ValueError):
-        raise OutputError(f"{where} is not a mimi-tokenize output (no {manifest.MANIFEST_PATH} or "
-                          f"{manifest.RUN_PATH})") from None
+        if lock is None:
+            raise OutputError(f"{where} is not a mimi-tokenize output (no {manifest.MANIFEST_PATH} or "
+                              f"{manifest.RUN_PATH})") from None
+        run = {}
     done = manifest.load_done(url, storage_options)
     clips, hours = sum(r["rows"] for r in done.values()), sum(r["hours"] for r in done.values())
-    if live_lock(url, storage_options) is not None:
+    if lock is not None:
         state, advice = "running", "its first progress update writes manifest.json"
     else:
         state, advice = "interrupted", "run the same command again to go on"
-    return (f"{state} — {where}: a run started at {run.get('created')} and has not written "
-            f"{manifest.MANIFEST_PATH} yet; {len(done)} shard(s) committed ({clips:,} clips, {hours:.2f} h); "
-            f"{advice}", state)
+    started = f" at {run['created']}" if run.get("created") else ""
+    return (f"{state} — {where}: a run started{started} and has not written {manifest.MANIFEST_PATH} yet; "
+            f"{len(done)} shard(s) committed ({clips:,} clips, {hours:.2f} h); {advice}", state)
 
 
 def foreign_entries(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:

@@ -164,13 +164,14 @@ def test_status_before_the_first_manifest_write(corpus, tiny_model_path, tmp_pat
         assert main(command) == 2
         err = one_line_error(capsys)
         assert "interrupted" in err and "not an output" not in err and "no run has written" not in err
-    lock = RunLock(str(out), run_id="live", settle_s=0.0)
-    lock.acquire()  # a live run (this process) holds the output
-    try:
-        assert main(["status", str(out)]) == 0
-        assert capsys.readouterr().out.startswith("status: running")
-    finally:
-        lock.release()
+    for folder in (out, tmp_path / "new"):  # a live run (this process) holds the output, or has only just locked it
+        lock = RunLock(str(folder), run_id="live", settle_s=0.0)
+        lock.acquire()
+        try:
+            assert main(["status", str(folder)]) == 0
+            assert capsys.readouterr().out.startswith("status: running")
+        finally:
+            lock.release()
 
 
 def test_status_after_a_kill_says_interrupted(done_output, tmp_path, capsys):
