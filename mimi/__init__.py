@@ -1,8 +1,9 @@
 """Kyutai's Mimi neural audio codec in plain PyTorch: 24 kHz mono ↔ 12.5 Hz codes (up to 32 codebooks)."""
 
-from .checkpoint import CheckpointError, load_mimi, random_state_dict, save_checkpoint, write_random_checkpoint
+from .checkpoint import (CheckpointError, is_untrained, load_mimi, random_state_dict, save_checkpoint,
+                         write_random_checkpoint)
 from .config import MimiConfig
 from .model import MimiModel
 
-__all__ = ["CheckpointError", "MimiConfig", "MimiModel", "load_mimi", "random_state_dict", "save_checkpoint",
-           "write_random_checkpoint"]
+__all__ = ["CheckpointError", "MimiConfig", "MimiModel", "is_untrained", "load_mimi", "random_state_dict",
+           "save_checkpoint", "write_random_checkpoint"]

@@ -28,6 +28,7 @@ from .seanet import CausalConvTranspose1d
 DEFAULT_REPO = "kyutai/mimi"
 HF_FILENAME = "model.safetensors"
 MOSHI_FILENAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
+UNTRAINED_KEY = "mimi_tokenize.untrained"  # safetensors metadata key of generated random weights ("true")
 
 
 class CheckpointError(ValueError):
@@ -369,23 +370,33 @@ def _calibrate_codebooks(model: MimiModel, gen: torch.Generator) -> None:
 
 
 def save_checkpoint(state: dict[str, torch.Tensor], path: str | Path, layout: str = "moshi",
-                    cfg: MimiConfig = MimiConfig()) -> Path:
+                    cfg: MimiConfig = MimiConfig(), *, untrained: bool = False) -> Path:
     """Write our state dict in an official layout. ``moshi``: a .safetensors file (``path``);
-    ``transformers``: a folder (``path``) with model.safetensors and config.json, as kyutai/mimi ships."""
+    ``transformers``: a folder (``path``) with model.safetensors and config.json, as kyutai/mimi ships.
+    ``untrained`` labels the weights as generated in the file's metadata (:data:`UNTRAINED_KEY`)."""
     model = MimiModel(cfg)
     tensors = to_layout(state, model, layout)
+    metadata = {UNTRAINED_KEY: "true"} if untrained else {}
     path = Path(path)
     if layout == "transformers":
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2))
-        save_file(tensors, str(path / HF_FILENAME), metadata={"format": "pt"})
-        return path / HF_FILENAME
+        path, metadata = path / HF_FILENAME, {"format": "pt", **metadata}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path))
+    save_file(tensors, str(path), metadata=metadata or None)
     return path
 
 
 def write_random_checkpoint(path: str | Path, cfg: MimiConfig = MimiConfig(), *, seed: int = 0,
                             layout: str = "moshi") -> Path:
-    """Random calibrated weights saved in an official layout (see `random_state_dict`)."""
-    return save_checkpoint(random_state_dict(cfg, seed), path, layout, cfg)
+    """Random calibrated weights saved in an official layout (see `random_state_dict`), labelled untrained."""
+    return save_checkpoint(random_state_dict(cfg, seed), path, layout, cfg, untrained=True)
+
+
+def is_untrained(path: str | Path) -> bool:
+    """Whether the safetensors file ``path`` holds generated random weights (:func:`write_random_checkpoint`)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get(UNTRAINED_KEY) == "true"
+    except Exception:  # unreadable files are reported by the loader
+        return False

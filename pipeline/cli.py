@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 
 from mimi import CheckpointError
-from pipeline import manifest
+from pipeline import manifest, state
 from pipeline.config import ConfigError, RunConfig, load_config
 from pipeline.retry import OutputUnwritable, StorageUnavailable
 from pipeline.runner import RunError, run
@@ -77,9 +77,10 @@ def run_command(args: argparse.Namespace) -> int:
 def status_command(args: argparse.Namespace) -> int:
     storage_options = load_config(args.config).output_options()
     try:
-        current = manifest.read_manifest(args.output, storage_options)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{manifest.redact(args.output)} has no manifest.json (no run has written there)") from exc
+        current = state.read_output(args.output, storage_options)
+    except state.NotWrittenYet as exc:  # a run started: what its identity, records and lock say
+        print(json.dumps({"status": exc.status, "detail": str(exc)}) if args.json else f"status: {exc}")
+        return 0
     print(json.dumps(current, indent=2) if args.json else manifest.summarize(current))
     return 0
 
@@ -91,10 +92,7 @@ def status_command(args: argparse.Namespace) -> int:
 def report_command(args: argparse.Namespace) -> int:
     from pipeline.report import report  # matplotlib is imported only here
 
-    try:
-        report(args.output, args.html, load_config(args.config).output_options())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{manifest.redact(args.output)} has no manifest.json (no run has written there)") from exc
+    report(args.output, args.html, load_config(args.config).output_options())
     return 0
 
 
@@ -128,11 +126,12 @@ EXPECTED_ERRORS += (ExportError,)
 
 @command("export", "write a flat, memory-mappable copy of an output's codes for LM training stacks: DIR/codes.u16 "
          "(uint16 [frames, K]), DIR/offsets.npy (int64 [clips + 1]), DIR/ids.txt, DIR/meta.json; a rerun into a "
-         "finished DIR does nothing",
+         "finished DIR does nothing, a non-empty DIR that is not this export is refused (unless --force)",
          arg("output", help="output folder URL of a finished run"),
          arg("dest", metavar="DIR", help="local folder to write"),
          arg("--num-codebooks", type=int, help="keep the first K codebooks (default: all the output has)"),
-         arg("--force", action="store_true", help="export an incomplete output (the shards that are done)"),
+         arg("--force", action="store_true", help="export an incomplete output (the shards that are done), or into a "
+             "non-empty DIR that holds something else (its export files are replaced)"),
          arg("--config", help="YAML config file whose storage_options reach the output"))
 def export_command(args: argparse.Namespace) -> int:
     from pipeline.export import export
@@ -258,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mimi-tokenize {args.command}: error: {exc}; run the same command again once the store is back",
               file=sys.stderr)
         return 1
+    except OSError as exc:  # a path that cannot be used (missing, a file for a folder, no permission)
+        print(f"mimi-tokenize {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"mimi-tokenize {args.command}: interrupted", file=sys.stderr)
         return 130

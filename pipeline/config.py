@@ -117,6 +117,13 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return isinstance(value, typing.get_origin(hint) or hint)
 
 
+def _type_name(hint: Any) -> str:
+    """``int``, ``float or null``, ``dict``: a type hint as a config file's author reads it."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(typing.get_origin(hint) or hint, "__name__", str(hint))
+
+
 def _check_keys(values: dict[str, Any], where: str) -> None:
     hints = typing.get_type_hints(RunConfig)
     unknown = sorted(set(values) - set(hints))
@@ -124,7 +131,7 @@ def _check_keys(values: dict[str, Any], where: str) -> None:
         raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)}; known keys: {', '.join(hints)}")
     for key, value in values.items():
         if not _type_ok(value, hints[key]):
-            raise ConfigError(f"{where}: {key} must be {hints[key]}, got {value!r}")
+            raise ConfigError(f"{where}: {key} must be {_type_name(hints[key])}, got {value!r}")
 
 
 def from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:
@@ -138,7 +145,9 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     values: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"cannot read config file {path}: not UTF-8 text (a YAML file is expected)") from exc
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):

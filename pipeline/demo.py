@@ -20,12 +20,11 @@ import json
 import shlex
 from pathlib import Path
 
-from mimi import MimiConfig, write_random_checkpoint
+from mimi import MimiConfig, is_untrained, write_random_checkpoint
 from pipeline import manifest
 from pipeline.config import RunConfig
 from pipeline.runner import run
 from pipeline.sample_corpus import MARKER, make_sample_corpus
-from pipeline.tools import is_untrained, mark_untrained
 
 WEIGHTS_NAME = "mimi-untrained-tiny.safetensors"
 FILES_PER_SHARD = 8
@@ -45,8 +44,7 @@ def prepare_weights(workdir: Path, seed: int = 0) -> Path:
     """Generated tiny Mimi weights labelled untrained, in ``workdir/weights``, reused if already there."""
     path = workdir / "weights" / WEIGHTS_NAME
     if not (path.is_file() and is_untrained(path)):
-        write_random_checkpoint(path, MimiConfig.tiny(), seed=seed)
-        mark_untrained(path)
+        write_random_checkpoint(path, MimiConfig.tiny(), seed=seed)  # labelled untrained in its metadata
     return path
 
 

@@ -11,7 +11,8 @@ Order: the output's data files sorted by name (``data/{shard_id}.parquet``), and
 K may be lower than the output's (the first K codebooks are kept). The copy is streamed a row group at a time, so
 memory does not grow with the output. An incomplete output is refused unless ``force``. The files are written
 under temporary names and renamed into place, ``meta.json`` last: a DIR without ``meta.json`` is not an export, and a
-rerun into a DIR whose ``meta.json`` names the same data and K does nothing.
+rerun into a DIR whose ``meta.json`` names the same data and K does nothing. A DIR that holds anything else (other
+files, another export) is refused unless ``force``; a DIR inside the output always is.
 
 Read it with numpy::
 
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import manifest, storage
+from pipeline import manifest, state, storage
 from pipeline.reading import data_files, iter_codes, num_codebooks, open_parquet
 
 log = logging.getLogger(__name__)
@@ -51,14 +52,40 @@ def data_digest(records: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
 
 
+def _existing_export(dest: Path, output_url: str, force: bool) -> dict[str, Any] | None:
+    """The ``meta.json`` of the export in ``dest`` (None if there is none); raise :class:`ExportError` if ``dest`` is
+    a file, lies in the output, or (unless ``force``) is a non-empty folder that is not an export."""
+    if dest.is_file():
+        raise ExportError(f"{dest} is a file; give a folder to export into")
+    if "://" not in output_url and _inside(dest.resolve(), Path(output_url).resolve()):
+        raise ExportError(f"{dest} is inside the output {output_url}; export into a folder of its own")
+    try:
+        return json.loads((dest / "meta.json").read_text())
+    except FileNotFoundError:
+        pass
+    except ValueError as exc:
+        if not force:
+            raise ExportError(f"{dest}/meta.json is not an export's (not JSON: {exc}); pass --force to replace "
+                              "it") from None
+        return None
+    own = {f".{name}.tmp" for name in FILES}  # an interrupted export's files
+    other = sorted(p.name for p in dest.iterdir() if p.name not in own) if dest.is_dir() else []
+    if other and not force:
+        raise ExportError(f"{dest} is not empty and holds no export ({', '.join(other[:3])}"
+                          f"{', ...' if len(other) > 3 else ''}); give an empty or new folder, or pass --force to "
+                          "write the export files there")
+    return None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
 def export(output_url: str, dest: str | Path, *, num_codebooks_out: int | None = None, force: bool = False,
            storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Export ``output_url`` into the local folder ``dest``; return its ``meta.json`` content."""
     where = manifest.redact(output_url)
-    try:
-        current = manifest.read_manifest(output_url, storage_options)
-    except FileNotFoundError as exc:
-        raise ExportError(f"{where} has no manifest.json (not an output of `mimi-tokenize run`)") from exc
+    current = state.read_output(output_url, storage_options)
     if current["status"] != "complete":
         message = f"{where}: the run is {current['status']} ({current['totals']['shards_done']} of " \
                   f"{current['totals']['shards']} shards done)"
@@ -66,21 +93,22 @@ def export(output_url: str, dest: str | Path, *, num_codebooks_out: int | None =
             raise ExportError(message + "; finish it with `mimi-tokenize run`, or pass --force to export what is done")
         log.warning("%s; exporting the shards that are done (--force)", message)
     k_out = current["num_codebooks"]
-    k = num_codebooks_out or k_out
+    k = k_out if num_codebooks_out is None else num_codebooks_out
     if not 1 <= k <= k_out:
-        raise ExportError(f"{where} has {k_out} codebooks; cannot export {k}")
+        raise ExportError(f"--num-codebooks must be between 1 and {k_out} (the codebooks {where} has), got {k}")
     entries = [e for e in current["shards"] if e["status"] != "pending"]
     if not entries:
         raise ExportError(f"{where}: no shard is done; there is nothing to export")
     digest = data_digest(entries)
     dest = Path(dest)
-    meta_path = dest / "meta.json"
-    if meta_path.exists():
-        existing = json.loads(meta_path.read_text())
-        if existing.get("data_digest") == digest and existing.get("num_codebooks") == k:
-            log.info("%s already holds this export; nothing to do", dest)
-            return existing
-        meta_path.unlink()  # from here on, DIR is not a finished export until the new meta.json lands
+    existing = _existing_export(dest, output_url, force)
+    if existing is not None and existing.get("data_digest") == digest and existing.get("num_codebooks") == k:
+        log.info("%s already holds this export; nothing to do", dest)
+        return existing
+    if existing is not None and not force:
+        raise ExportError(f"{dest} holds another export ({existing.get('num_codebooks')} codebooks of "
+                          f"{existing.get('source')}); pass --force to replace it, or give another folder")
+    (dest / "meta.json").unlink(missing_ok=True)  # DIR is not a finished export until the new meta.json lands
     dest.mkdir(parents=True, exist_ok=True)
 
     files, _ = data_files(output_url, storage_options)
@@ -120,7 +148,7 @@ def export(output_url: str, dest: str | Path, *, num_codebooks_out: int | None =
         "manifest_sha256": hashlib.sha256(json.dumps(current, sort_keys=True).encode()).hexdigest(),
         "data_digest": digest, "source_status": current["status"], "order": "data files by name, rows in file order",
     }
-    storage.atomic_write_bytes(str(meta_path), json.dumps(meta, indent=2).encode())
+    storage.atomic_write_bytes(str(dest / "meta.json"), json.dumps(meta, indent=2).encode())
     elapsed = time.time() - started
     log.info("exported %d clips, %d frames x %d codebooks (%.1f MB) in %.1f s to %s", n_clips, frames, k,
              frames * k * 2 / 1e6, elapsed, dest)

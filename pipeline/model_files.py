@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 
 from mimi import load_mimi
-from mimi.checkpoint import resolve_source
-from pipeline.tools import is_untrained
+from mimi.checkpoint import is_untrained, resolve_source
 
 
 class RunError(RuntimeError):

@@ -31,6 +31,7 @@ from pipeline.manifest import file_matches, is_done
 from pipeline.types import Shard
 
 CONTAINER_KINDS = ("webdataset", "parquet")
+SHARD_PREFIXES = ("files-", "manifest-", "wds-", "parquet-")  # shard ids (pipeline.sources) start with one of these
 
 
 @dataclass
@@ -64,6 +65,8 @@ def make_plan(shards: list[Shard], records: dict[str, dict[str, Any]], files: di
     kind = shards[0].kind if shards else "files"
     listed_keys = {m.key for s in shards for m in s.members}
     file_ids = {name.removesuffix(".parquet") for name in files if name.endswith(".parquet")}
+    foreign = sorted(i for i in file_ids - set(records) - set(by_id) if not i.startswith(SHARD_PREFIXES))
+    file_ids -= set(foreign)  # not a name this tool writes, and no record names it: someone else's file, left alone
     done, retained, stale = {}, {}, []
     for shard_id in sorted(set(records) | file_ids):
         record = records.get(shard_id)
@@ -78,7 +81,8 @@ def make_plan(shards: list[Shard], records: dict[str, dict[str, Any]], files: di
         else:
             stale.append(shard_id)
 
-    warnings = []
+    warnings = [f"data/{i}.parquet is not a file of this output (no record names it); it is left alone, and "
+                "readers of data/*.parquet will see it" for i in foreign]
     gone: dict[str, list[str]] = {}
     stale_ids: set[str] = set()
     retire = []

@@ -43,8 +43,7 @@ import yaml
 from fsspec.implementations.local import LocalFileSystem
 
 from mimi.checkpoint import sha256_file
-from pipeline import manifest, storage
-from pipeline.lock import LOCK_PATH, is_live
+from pipeline import manifest, state, storage
 from pipeline.writer import CODEBOOK_SIZE, CORE_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -94,11 +93,8 @@ def check_publishable(output_url: str, current: dict[str, Any], done: dict[str, 
     """The done records to publish, in the run's shard order; raise :class:`PublishError` when the output must
     not be published (see the module docstring)."""
     where = manifest.redact(output_url)
-    try:
-        lock = storage.read_json(storage.join(output_url, LOCK_PATH), storage_options)
-    except FileNotFoundError:
-        lock = None
-    if is_live(lock):
+    lock = state.live_lock(output_url, storage_options)
+    if lock is not None:
         raise PublishError(f"{where} is being written by run {lock.get('run_id')!r} on host {lock.get('host')} "
                            f"(heartbeat {time.time() - lock['heartbeat']:.0f} s ago); publish it once the run ends")
     entries = current["shards"]  # the listing's shards, then the files retained for inputs that are gone
@@ -319,7 +315,8 @@ def build_card(repo_id: str, current: dict[str, Any], records: list[dict[str, An
                   f"> **Partial dataset: {shards_done} of {shards} shards of the run were done "
                   "when it was published.**", ""]
     lines += [
-        f"[Mimi](https://huggingface.co/kyutai/mimi) codes of {totals['clips']:,} audio clips "
+        ("Codes of an untrained Mimi-architecture model" if model.get("untrained") else
+         "[Mimi](https://huggingface.co/kyutai/mimi) codes") + f" of {totals['clips']:,} audio clips "
         f"({_hours(totals['hours'])} hours), made with `mimi-tokenize`. Each row is one clip; `codes` holds its "
         f"int16 codes, time-major `[n_frames, {k}]` ({FRAME_RATE} frames per second, {k} codebooks of "
         f"{CODEBOOK_SIZE} entries each, values 0..{CODEBOOK_SIZE - 1}).",
@@ -483,8 +480,8 @@ def publish(output_url: str, repo_id: str, *, private: bool = False, dry_run: bo
     """Check, stage and (unless ``dry_run``) upload the output ``output_url`` to the dataset repo ``repo_id``.
 
     ``api`` is a ``huggingface_hub.HfApi`` (default: one with :func:`hf_token`). ``staging`` defaults to a new
-    temporary folder, deleted after a successful upload; a given folder is kept, and a rerun reuses what it
-    holds. Raises :class:`PublishError` when the output must not or cannot be published.
+    temporary folder, deleted after a successful upload or a dry run; a given folder is kept, and a rerun reuses what
+    it holds. Raises :class:`PublishError` when the output must not or cannot be published.
     """
     if not _REPO_ID.fullmatch(repo_id):
         raise PublishError(f"--repo must be ORG/NAME (a Hub dataset repo id), got {repo_id!r}")
@@ -496,10 +493,7 @@ def publish(output_url: str, repo_id: str, *, private: bool = False, dry_run: bo
                                "(or use --dry-run to only stage the dataset)")
         api = make_api(token)
         del token
-    try:
-        current = manifest.read_manifest(output_url, storage_options)
-    except FileNotFoundError as exc:
-        raise PublishError(f"{manifest.redact(output_url)} has no manifest.json (no run has written there)") from exc
+    current = state.read_output(output_url, storage_options)
     done = manifest.load_done(output_url, storage_options)
     records = check_publishable(output_url, current, done, force=force, storage_options=storage_options)
     temporary = staging is None
@@ -512,15 +506,16 @@ def publish(output_url: str, repo_id: str, *, private: bool = False, dry_run: bo
         card_path.write_text(card, encoding="utf-8")
         files.append(StagedFile(README, str(card_path), card_path.stat().st_size, sha256_file(card_path)))
         result.files = files
-        if dry_run:
-            return result
-        upload(api, repo_id, str(staging), files, private=private, commit_max_files=commit_max_files,
-               commit_max_bytes=commit_max_bytes, result=result)
+        if not dry_run:
+            upload(api, repo_id, str(staging), files, private=private, commit_max_files=commit_max_files,
+                   commit_max_bytes=commit_max_bytes, result=result)
     except BaseException:
         if temporary and not dry_run:
             log.info("staging folder kept at %s: pass --staging %s to reuse it", staging, staging)
+        elif temporary:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
-    if temporary and not dry_run:
+    if temporary:  # a dry run's temporary staging is removed too: --staging keeps it
         shutil.rmtree(staging, ignore_errors=True)
     return result
 
@@ -539,9 +534,11 @@ def run_publish(output: str, repo: str, *, private: bool, dry_run: bool, force: 
     result = publish(output, repo, private=private, dry_run=dry_run, force=force, staging=staging, license=license,
                      storage_options=storage_options)
     if dry_run:
+        where = (f"staged in {result.staging}" if staging else
+                 "staged in a temporary folder, now removed (pass --staging DIR to keep the staged files)")
         print(f"dry run: would upload {len(result.files)} file(s) to the dataset repo {repo} "
-              f"({'private' if private else 'public'}), from the staging folder {result.staging} (a real publish "
-              "skips the files the repo already holds):")
+              f"({'private' if private else 'public'}), {where} (a real publish skips the files the repo already "
+              "holds):")
         for f in result.files:
             print(f"  {f.path}  {_size(f.size)}")
         print(f"total: {_size(sum(f.size for f in result.files))}")

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline import manifest as mf
-from pipeline import storage
+from pipeline import state, storage
 from pipeline.writer import CODEBOOK_SIZE
 
 MAX_ENTROPY_BITS = math.log2(CODEBOOK_SIZE)  # 11
@@ -198,9 +198,9 @@ def _failure_examples(done: dict[str, dict[str, Any]]) -> dict[str, list[dict[st
 def collect(output: str, storage_options: dict[str, Any] | None = None) -> ReportData:
     """Read an output's manifest, done records and Parquet files into a :class:`ReportData`.
 
-    Raises ``FileNotFoundError`` if the output has no ``manifest.json``.
+    Raises :class:`pipeline.state.OutputError` if ``output`` is not an output with a readable ``manifest.json``.
     """
-    man = mf.read_manifest(output, storage_options)
+    man = state.read_output(output, storage_options)
     k = int(man["num_codebooks"])
     done = mf.load_done(output, storage_options)
     files = [done[s]["file"] for s in sorted(done)]
@@ -246,10 +246,10 @@ def _headline(data: ReportData) -> list[tuple[str, str, str]]:
         ("frames", "frames", fmt_int(t["frames"])),
         ("tokens", "tokens", f"{fmt_int(t['tokens'])} ({fmt_int(t['frames'])} × {m['num_codebooks']})"),
         ("wall", "wall time (last session)", fmt_wall(timing["wall_s"])),
-        ("speed", "speed (last session)", f"{fmt_speed(timing['x_realtime'])} realtime"),
+        ("speed", "speed (last session, start-up included)", f"{fmt_speed(timing['x_realtime'])} realtime"),
     ]
     if data.overall_x_realtime is not None:
-        rows.append(("speed-all", "speed (all sessions: first start to last finish)",
+        rows.append(("speed-all", "speed while encoding (all sessions: first shard's start to last shard's end)",
                      f"{fmt_speed(data.overall_x_realtime)} realtime"))
     return rows
 
@@ -258,7 +258,7 @@ def _model_rows(data: ReportData) -> list[tuple[str, str, str]]:
     model = data.manifest.get("model") or {}
     return [
         ("model-source", "source", str(mf.redact(model.get("source")))),
-        ("model-revision", "revision", str(model.get("revision"))),
+        ("model-revision", "revision", model.get("revision") or "default"),
         ("model-sha256", "sha256", str(model.get("sha256"))),
         ("model-k", "codebooks (K)", str(data.manifest["num_codebooks"])),
         ("model-untrained", "untrained (generated weights)", "YES" if model.get("untrained") else "no"),

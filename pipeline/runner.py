@@ -1,5 +1,6 @@
-"""``mimi-tokenize run``: the run policy. Lock the output, list the input, plan against storage, retire stale files,
-encode the pending shards on the encoder pool, unify the metadata schema, write the manifest.
+"""``mimi-tokenize run``: the run policy. Check the paths (never adopt a folder this tool did not create), lock the
+output, list the input, plan against storage, retire stale files, encode the pending shards on the encoder pool,
+unify the metadata schema, write the manifest.
 
 Modules it drives: :mod:`pipeline.model_files` (loading and shipping the weights), :mod:`pipeline.plan` (what is
 done, what to encode, what to retire), :mod:`pipeline.scheduler` (the elastic encoder pool), :mod:`pipeline.encoder`
@@ -10,9 +11,12 @@ running the same command again, with nothing lost or duplicated.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import logging
 import os
+import posixpath
+import re
 import shutil
 import time
 import uuid
@@ -24,7 +28,7 @@ import pyarrow as pa
 import ray
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline import manifest, retry, storage
+from pipeline import manifest, retry, state, storage
 from pipeline import schema as output_schema
 from pipeline.commit import Output
 from pipeline.config import RunConfig
@@ -52,16 +56,75 @@ __all__ = ["RunError", "exit_code", "run"]
 # --- start: run identity, listing, schema ------------------------------------------------------------------------
 
 
+def _check_paths(cfg: RunConfig) -> None:
+    """Refuse, before anything is written, an output that is a file, a folder this tool did not create, or one that
+    overlaps the input (the output's own files would be listed as input on the next run)."""
+    options, where = cfg.output_options(), manifest.redact(cfg.output)
+    fs, path = storage.get_fs(cfg.output, options)
+    if retry.call(fs.isfile, path, what=f"stat {where}"):
+        raise RunError(f"--output {where} is a file; give a folder (new, or made by mimi-tokenize)")
+    root = _listed_root(cfg)
+    if root is not None and (_inside(cfg.output, root) or _inside(root, cfg.output)):
+        raise RunError(f"--output {where} and --input {manifest.redact(cfg.input)} overlap: the output's files would "
+                       "be read as input; put the output outside the input folder")
+    foreign = state.foreign_entries(cfg.output, options)
+    if foreign:
+        raise RunError(f"--output {where} is not empty and was not made by mimi-tokenize (it holds "
+                       f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); give a new or empty folder")
+
+
+def _listed_root(cfg: RunConfig) -> str | None:
+    """The folder the input listing searches (a folder, or a glob's part before its first wildcard); None for a
+    single file (a manifest, a tar, a Parquet file), which is read, not searched."""
+    if glob.has_magic(cfg.input):
+        return posixpath.dirname(re.split(r"[*?\[]", cfg.input, maxsplit=1)[0]).rstrip("/")
+    fs, path = storage.get_fs(cfg.input, cfg.input_options())
+    try:
+        return None if retry.call(fs.isfile, path, what=f"stat {manifest.redact(cfg.input)}") else cfg.input.rstrip("/")
+    except OSError:  # reported by the listing, with its reason
+        return None
+
+
+def _inside(url: str, folder: str) -> bool:
+    url, folder = url.rstrip("/"), folder.rstrip("/")
+    return url == folder or url.startswith(folder + "/")
+
+
 def _init_run(cfg: RunConfig, model_files: ModelFiles) -> dict[str, Any]:
+    """The output's run identity, written on first use; an output that holds no row yet (a run that stopped at the
+    start, or whose clips all failed) starts over with this run's settings rather than being bound to the first."""
     run = manifest.make_run(cfg.to_dict(), model_files.provenance(), cfg.num_codebooks)
-    stored = manifest.init_run(cfg.output, run, cfg.output_options())
-    changed = [f"{k}: output has {stored['config'].get(k)!r}, this run has {run['config'][k]!r}"
-               for k in SETTINGS_FIXED_ON_RESUME if stored["config"].get(k) != run["config"][k]]
-    if changed:
-        raise manifest.IncompatibleOutputError(
-            "the output folder was started with other settings (" + "; ".join(changed) + "). Write to a new "
-            "output folder, or resume with the same settings.")
+    try:
+        stored = manifest.init_run(cfg.output, run, cfg.output_options())
+        changed = [f"{k}: output has {stored['config'].get(k)!r}, this run has {run['config'][k]!r}"
+                   for k in SETTINGS_FIXED_ON_RESUME if stored["config"].get(k) != run["config"][k]]
+        if changed:
+            raise manifest.IncompatibleOutputError(
+                "the output folder was started with other settings (" + "; ".join(changed) + "). Write to a new "
+                "output folder, or resume with the same settings.")
+    except manifest.IncompatibleOutputError as exc:
+        if not _clear_rowless_output(cfg):
+            raise
+        log.warning("the output holds no rows yet: it starts over with this run's settings (%s)", exc)
+        storage.write_json(join(cfg.output, manifest.RUN_PATH), run, cfg.output_options())
+        return run
     return stored
+
+
+def _clear_rowless_output(cfg: RunConfig) -> bool:
+    """Delete the state of an output that holds no row (records, their empty files, schema, manifest) and return
+    True; return False, touching nothing, when it holds rows or data files that no record names."""
+    options = cfg.output_options()
+    records, files = manifest.load_records(cfg.output, options)
+    named = {r["file"].rsplit("/", 1)[-1] for r in records.values()}
+    if any(r["rows"] for r in records.values()) or set(files) - named:
+        return False
+    for shard_id, record in records.items():  # the file first: a record without its file is ignored by the plan
+        storage.remove(join(cfg.output, record["file"]), options)
+        storage.remove(manifest.record_url(cfg.output, shard_id), options)
+    for path in (output_schema.SCHEMA_PATH, manifest.MANIFEST_PATH):
+        storage.remove(join(cfg.output, path), options)
+    return True
 
 
 def _discover(cfg: RunConfig) -> list[Shard]:
@@ -116,13 +179,23 @@ def _decide_schema(cfg: RunConfig, shards: list[Shard]) -> pa.Schema | None:
 # --- Ray ---------------------------------------------------------------------------------------------------------
 
 
+_RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _drop_token_auth_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
 @contextmanager
 def _ray_session(cfg: RunConfig) -> Iterator[None]:
     """Join (or start, and shut down after) Ray."""
+    # Ray's notice that it enabled token authentication by default is logged on every start; it asks nothing of the
+    # user of a local instance
+    logging.getLogger(_RAY_AUTH_LOGGER).addFilter(_drop_token_auth_notice)
     started = not ray.is_initialized()
     if started:
-        try:
-            ray.init(address=cfg.ray_address)
+        try:  # a local instance needs no dashboard
+            ray.init(address=cfg.ray_address, **({} if cfg.ray_address else {"include_dashboard": False}))
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise RunError(f"cannot start or join Ray (address {cfg.ray_address!r}): {exc}") from exc
     try:
@@ -262,6 +335,7 @@ def run(cfg: RunConfig) -> int:
         raise RunError("input and output are required (--input URL --output URL, or in the config file)")
     cfg = dataclasses.replace(cfg, input=_absolute(cfg.input), output=_absolute(cfg.output))
     retry.set_policy(retry.RetryPolicy(outage_s=cfg.storage_retry_s))
+    _check_paths(cfg)
     _check_free_space(cfg.output, cfg.output_options())
     session_start = time.time()
     model_files = load_model_files(cfg.model, cfg.revision, cfg.num_codebooks)
@@ -317,6 +391,7 @@ def _work(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, s
         lock.check()
         progress()
 
+    report()  # `status` sees the listing and the plan from the start
     unwritable: retry.OutputUnwritable | None = None  # the run stops; what is committed is kept
     with _ray_session(cfg):
         _, errors = _run_steps(output, "retiring files the listing no longer matches",
@@ -384,17 +459,22 @@ def _finished_manifest(cfg: RunConfig, plan: Plan) -> dict[str, Any] | None:
 
 
 def exit_code(cfg: RunConfig, final: dict[str, Any]) -> int:
-    """0 when every shard is done and failed clips stay within ``max_failure_share``, else 1 (logged)."""
+    """0 when every shard is done and failed clips stay within ``max_failure_share``, else 1 (logged, then a summary
+    line)."""
     log.info(_progress_line(final))
+    totals, where = final["totals"], manifest.redact(cfg.output)
     share = manifest.failure_share(final)
     if final["status"] != "complete":
-        totals = final["totals"]
+        left = totals["shards"] - totals["shards_done"]
         partial = totals.get("partial_shards", 0)
-        log.error("%d shard(s) are not done%s; run the same command again to retry them",
-                  totals["shards"] - totals["shards_done"],
+        log.error("%d shard(s) are not done%s; run the same command again to retry them", left,
                   f" ({partial} of them hold a tar or Parquet input that could not be read to its end: see the "
                   "failures of stage 'container' in the manifest)" if partial else "")
+        log.info("incomplete: %d of %d shard(s) left, %s clips (%.2f hours) so far, output in %s", left,
+                 totals["shards"], f"{totals['clips']:,}", totals["hours"], where)
         return 1
+    log.info("done: %s clips, %.2f hours, %s failed, output in %s", f"{totals['clips']:,}", totals["hours"],
+             f"{totals['failed_clips']:,}", where)
     if share > cfg.max_failure_share:
         log.error("%.2f%% of the clips failed, more than max_failure_share %.2f%%; see the failures in %s",
                   100 * share, 100 * cfg.max_failure_share, join(manifest.redact(cfg.output), manifest.MANIFEST_PATH))

@@ -18,11 +18,11 @@ The ``.npz`` holds (names follow transformers' ``MimiModel.encode`` output, ``au
 ``num_samples``     the source's length in 24 kHz samples (decode trims to it)
 ``orig_sample_rate``, ``orig_channels``   of the source file
 ``model_source``, ``model_revision``, ``model_sha256``   the weights that made the codes (sha256 of the file)
-``model_untrained`` True for generated random weights (see :func:`is_untrained`)
+``model_untrained`` True for generated random weights (see :func:`mimi.is_untrained`)
 ==================  ======================================================================================
 
-Generated (random) weights are labelled in their safetensors metadata (:data:`UNTRAINED_KEY`, written by
-:func:`mark_untrained`); the runner records the label in the output's manifest and Parquet metadata.
+Generated (random) weights are labelled in their safetensors metadata (``mimi.checkpoint.UNTRAINED_KEY``, written by
+:func:`mimi.write_random_checkpoint`); the runner records the label in the output's manifest and Parquet metadata.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import soundfile as sf
 import torch
 
 from mimi import load_mimi
-from mimi.checkpoint import read_safetensors, resolve_source
-from pipeline import manifest, storage
+from mimi.checkpoint import is_untrained, resolve_source
+from pipeline import manifest, state, storage
 from pipeline.config import ConfigError
 from pipeline.prepare import prepare_clip
 from pipeline.types import SAMPLE_RATE, Clip, ClipFailure, ClipSource
@@ -46,7 +46,6 @@ from pipeline.types import SAMPLE_RATE, Clip, ClipFailure, ClipSource
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "kyutai/mimi"
-UNTRAINED_KEY = "mimi_tokenize.untrained"  # safetensors metadata key of generated random weights ("true")
 NPZ_KEYS = ("audio_codes", "sample_rate", "frame_rate", "num_codebooks", "num_frames", "num_samples",
             "orig_sample_rate", "orig_channels", "model_source", "model_revision", "model_sha256", "model_untrained")
 WAV_SUBTYPES = ("FLOAT", "PCM_16")
@@ -54,31 +53,6 @@ WAV_SUBTYPES = ("FLOAT", "PCM_16")
 
 class ToolError(ConfigError):
     """An expected reason ``encode``/``decode`` cannot go on (unreadable input, unknown id, model mismatch)."""
-
-
-# --- untrained weights -----------------------------------------------------------------------------------------
-
-
-def mark_untrained(path: str | Path) -> Path:
-    """Rewrite the safetensors file ``path`` with metadata labelling its weights untrained (generated)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
-    save_file(read_safetensors(path), str(path), metadata={**metadata, "format": "pt", UNTRAINED_KEY: "true"})
-    return Path(path)
-
-
-def is_untrained(path: str | Path) -> bool:
-    """Whether the safetensors file ``path`` is labelled as generated random weights (:func:`mark_untrained`)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get(UNTRAINED_KEY) == "true"
-    except Exception:  # unreadable files are reported by the loader
-        return False
 
 
 # --- model -------------------------------------------------------------------------------------------------------
@@ -215,6 +189,7 @@ def decode_npz(in_npz: str | Path, out_wav: str | Path, *, model: str | None = N
 
 def read_run_identity(output: str, storage_options: dict | None = None) -> dict[str, Any]:
     """The output's manifest.json (or, while a first run has not written one yet, ``_state/run.json``)."""
+    state.check_folder(output, storage_options)
     for path in (manifest.MANIFEST_PATH, manifest.RUN_PATH):
         try:
             return storage.read_json(storage.join(output, path), storage_options)

@@ -23,6 +23,6 @@ def audio(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
 def checkpoint(root: Path, cfg: mimi.MimiConfig, layout: str, seed: int = 0) -> Path:
     name = f"{'full' if cfg == mimi.MimiConfig() else 'tiny'}-{seed}-{layout}"
     target = root / (name if layout == "transformers" else f"{name}.safetensors")
-    if not target.exists():
-        mimi.write_random_checkpoint(target, cfg, seed=seed, layout=layout)
+    if not target.exists():  # unlabelled (save_checkpoint), byte for byte the layout of the released files
+        mimi.save_checkpoint(mimi.random_state_dict(cfg, seed), target, layout, cfg)
     return target

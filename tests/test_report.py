@@ -88,7 +88,7 @@ def test_text_report(output, independent, capsys):
 
 def test_report_of_missing_output(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 2
-    assert "has no manifest.json" in capsys.readouterr().err
+    assert "not found" in capsys.readouterr().err
 
 
 def test_code_statistics_match_numpy(output, independent):

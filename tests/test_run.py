@@ -154,7 +154,7 @@ def test_locked_output_is_refused(corpus, tiny_model_path, tmp_path, capsys):
 def test_expected_errors_are_one_line(tmp_path, tiny_model_path, capsys):
     assert main(["run", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o"),
                  "--model", tiny_model_path]) == 2
-    assert main(["run", "--input", str(tmp_path), "--output", str(tmp_path / "o"),
+    assert main(["run", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o"),
                  "--model", str(tmp_path / "nope.safetensors")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "input not found" in err[0] and "neither a local file" in err[1]

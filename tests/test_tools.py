@@ -15,14 +15,14 @@ import torch
 
 import mimi
 from audio_fixtures import corrupt_bytes, write_audio
-from mimi.checkpoint import sha256_file
+from mimi.checkpoint import is_untrained, sha256_file
 from pipeline.cli import main
 from pipeline.decode import decode_audio
 from pipeline.resample import parse_channel_policy, to_mono
 from pipeline.sample_corpus import FORMATS, LONG_SECONDS, make_sample_corpus
 from pipeline.sources import discover_shards, iter_clips
 from pipeline.types import SAMPLE_RATE
-from pipeline.tools import NPZ_KEYS, is_untrained, mark_untrained
+from pipeline.tools import NPZ_KEYS
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_encode_decode_round_trip(tmp_path, ckpt, model, capsys):
     assert fields["num_samples"] == round(2.3 * 16_000 * 1.5)  # 16 kHz → 24 kHz
     assert (fields["orig_sample_rate"], fields["orig_channels"]) == (16_000, 1)
     assert fields["model_sha256"] == sha256_file(ckpt) and fields["model_source"] == ckpt
-    assert fields["model_untrained"] is False
+    assert fields["model_untrained"] is True  # generated weights are labelled untrained
     expected = model.encode(torch.from_numpy(audio)[None, None], num_codebooks=6).numpy()
     np.testing.assert_array_equal(codes, expected)
 
@@ -142,16 +142,16 @@ def test_encode_errors_are_one_line(tmp_path, ckpt, capsys):
 
 
 def test_untrained_label(tmp_path, ckpt):
-    marked = tmp_path / "untrained.safetensors"
-    marked.write_bytes(Path(ckpt).read_bytes())
-    assert not is_untrained(ckpt)
-    mark_untrained(marked)
-    assert is_untrained(marked) and mimi.load_mimi(marked) is not None
+    cfg = mimi.MimiConfig.tiny()
+    saved = mimi.save_checkpoint(mimi.random_state_dict(cfg), tmp_path / "saved.safetensors", cfg=cfg)
+    assert is_untrained(ckpt) and not is_untrained(saved)  # write_random_checkpoint labels; save_checkpoint not
+    assert is_untrained(mimi.write_random_checkpoint(tmp_path / "hf", cfg, layout="transformers"))
     src = tmp_path / "in.wav"
     write_audio(src, "wav_pcm16", 24_000, 0.5)
-    assert main(["encode", str(src), str(tmp_path / "u.npz"), "--model", str(marked)]) == 0
-    with np.load(tmp_path / "u.npz") as z:
-        assert z["model_untrained"].item() is True
+    for model, untrained in ((ckpt, True), (saved, False)):
+        assert main(["encode", str(src), str(tmp_path / "u.npz"), "--model", str(model)]) == 0
+        with np.load(tmp_path / "u.npz") as z:
+            assert z["model_untrained"].item() is untrained
 
 
 def test_run_fails_fast_and_clearly_without_the_hub(tmp_path, monkeypatch, capsys):

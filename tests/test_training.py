@@ -105,7 +105,7 @@ def test_interrupted_export_leaves_nothing_that_looks_complete(output, tmp_path,
     real = export_module.iter_codes
     monkeypatch.setattr(export_module, "iter_codes", broken)
     with pytest.raises(OSError, match="disk full"):
-        export(str(output), dest, num_codebooks_out=4)  # another K: a new export into the same folder
+        export(str(output), dest, num_codebooks_out=4, force=True)  # another K: a new export into the same folder
     assert not (dest / "meta.json").exists()  # the old export's marker is gone, the new one never landed
 
 
