@@ -44,7 +44,7 @@ class OutputLockedError(RuntimeError):
     """Another live run holds the output folder, or this run lost its lock."""
 
 
-def _host_identity() -> dict[str, Any]:
+def host_identity() -> dict[str, Any]:
     """Host name plus boot id and PID namespace: a pid means the same process only where all three match."""
     def read(path: str) -> str:
         try:
@@ -77,7 +77,7 @@ def is_live(lock: dict[str, Any] | None, now: float | None = None) -> bool:
     now = time.time() if now is None else now
     if now - lock.get("heartbeat", 0) > lock.get("lease_s", 120.0):
         return False
-    here = _host_identity()
+    here = host_identity()
     same_process_space = all(lock.get(k) == here[k] and here[k] for k in ("host", "boot_id", "pidns"))
     return not (same_process_space and not _pid_alive(lock["pid"]))
 
@@ -125,7 +125,7 @@ class RunLock:
         )
 
     def _record(self, epoch: int, history: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        return {**_host_identity(), "pid": os.getpid(), "run_id": self.run_id, "token": self.token, "epoch": epoch,
+        return {**host_identity(), "pid": os.getpid(), "run_id": self.run_id, "token": self.token, "epoch": epoch,
                 "lease_s": self.lease_s, "heartbeat": time.time(), "history": history[-HISTORY:], **extra}
 
     def acquire(self, force: bool = False, wait_s: float = 0.0, poll_s: float = 5.0) -> None:
@@ -138,7 +138,8 @@ class RunLock:
             current, version = found if found else ({}, None)
             if found is None or force or not is_live(current):
                 epoch = int(current.get("epoch", 0)) + 1
-                history = [*current.get("history", []), {"epoch": epoch, "run_id": self.run_id}]
+                took_over = found is not None and not current.get("released")  # its run may still be writing
+                history = [*current.get("history", []), {"epoch": epoch, "run_id": self.run_id, "took_over": took_over}]
                 record = self._record(epoch, history)
                 try:
                     self.version = storage.write_if(self.url, json.dumps(record).encode(), version,

@@ -169,14 +169,15 @@ def write_record(output_url: str, shard: Shard, result: ShardWriteResult, failur
     return record
 
 
-def load_records(output_url: str, storage_options: dict[str, Any] | None = None
+def load_records(output_url: str, storage_options: dict[str, Any] | None = None, *, check_order: bool = False
                  ) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
     """Every record by shard id, and the data files by name with their sizes.
 
-    A record written out of order is left out, as if it had never been written (its file is then stale, and redone):
-    one older than its data file (a write of the file after its record: a commit that died after its first write,
-    or a displaced run's late write), or one written by a run after a later run had taken the output's lock (its
-    epoch's successor began before it; both times by the store's clock)."""
+    ``check_order`` (a run's plan and its final manifest): a record that a run whose lock was taken over may have
+    written late is left out, as if it had never been written (its file is then stale, and redone): one written
+    after the takeover by the run taken over, or one whose data file was written after it and after a takeover
+    (both by the store's clock; the lock's history says when each epoch began). An output copied elsewhere gets new
+    modification times: there, the shards of runs that were taken over are redone once."""
     state, data = storage.join(output_url, SHARDS_STATE_DIR), storage.join(output_url, DATA_DIR)
     listed = storage.list_files_dated(state, storage_options)
     records = storage.read_json_files(state, storage_options, [n for n in listed if n.endswith(".json")])
@@ -187,8 +188,8 @@ def load_records(output_url: str, storage_options: dict[str, Any] | None = None
         history = []
     valid = {}
     for name, record in records.items():
-        why = _out_of_order(record, listed[name][1], files.get(record["file"].rsplit("/", 1)[-1], (0, None))[1],
-                            history)
+        why = check_order and _out_of_order(record, listed[name][1],
+                                            files.get(record["file"].rsplit("/", 1)[-1], (0, None))[1], history)
         if why:
             log.warning("shard %s: its record is not trusted (%s); the shard will be redone",
                         record["shard"]["shard_id"], why)
@@ -199,16 +200,17 @@ def load_records(output_url: str, storage_options: dict[str, Any] | None = None
 
 def _out_of_order(record: dict[str, Any], record_time: float | None, file_time: float | None,
                   history: list[dict[str, Any]]) -> str | None:
-    if record_time is None:
+    takeovers = [h for h in history if h.get("took_over") and h.get("began") is not None]
+    if record_time is None or not takeovers:
         return None
-    if file_time is not None and file_time > record_time:
-        return "its data file was written after it"
     epoch = record.get("epoch")
-    later = [h for h in history if epoch is not None and h.get("epoch", 0) > epoch and h.get("began") is not None]
+    later = [h for h in takeovers if epoch is not None and h["epoch"] > epoch]
     if later and record_time >= min(later, key=lambda h: h["epoch"])["began"]:
         successor = min(later, key=lambda h: h["epoch"])
         return (f"run {record.get('run_id')!r} (epoch {epoch}) wrote it after run {successor.get('run_id')!r} "
                 f"(epoch {successor['epoch']}) had taken the output's lock over")
+    if file_time is not None and file_time > record_time and file_time >= min(h["began"] for h in takeovers):
+        return "its data file was written after it, and after a run's lock was taken over"
     return None
 
 
@@ -217,9 +219,11 @@ def file_matches(record: dict[str, Any], files: dict[str, int]) -> bool:
     return files.get(record["file"].rsplit("/", 1)[-1]) == record["bytes"]
 
 
-def load_done(output_url: str, storage_options: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Records (done and retained) by shard id, keeping only those whose Parquet file exists with the recorded size."""
-    records, files = load_records(output_url, storage_options)
+def load_done(output_url: str, storage_options: dict[str, Any] | None = None, *, check_order: bool = False
+              ) -> dict[str, dict[str, Any]]:
+    """Records (done and retained) by shard id, keeping only those whose Parquet file exists with the recorded size
+    (and, with ``check_order``, that no displaced run may have written late: :func:`load_records`)."""
+    records, files = load_records(output_url, storage_options, check_order=check_order)
     done = {}
     for shard_id, record in records.items():
         if not file_matches(record, files):

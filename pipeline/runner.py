@@ -115,7 +115,7 @@ def _clear_rowless_output(cfg: RunConfig) -> bool:
     """Delete the state of an output that holds no row (records, their empty files, schema, manifest) and return
     True; return False, touching nothing, when it holds rows or data files that no record names."""
     options = cfg.output_options()
-    records, files = manifest.load_records(cfg.output, options)
+    records, files = manifest.load_records(cfg.output, options, check_order=True)
     named = {r["file"].rsplit("/", 1)[-1] for r in records.values()}
     if any(r["rows"] for r in records.values()) or set(files) - named:
         return False
@@ -352,7 +352,7 @@ def run(cfg: RunConfig) -> int:
         lock.check()
         schema = _decide_schema(cfg, shards)
         output = Output(cfg.output, cfg.num_codebooks, model_files.file_metadata(), options, lock.fence())
-        records, files = manifest.load_records(cfg.output, options)
+        records, files = manifest.load_records(cfg.output, options, check_order=True)
         plan = make_plan(shards, records, files, prune=cfg.prune, read_ids=output.read_ids)
         for warning in plan.warnings:
             log.warning("%s", warning)
@@ -400,7 +400,7 @@ def _work(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, s
             log.error("%d stale file(s) could not be retired; nothing is encoded this run", len(errors))
         elif plan.pending:
             errors, unwritable = _encode(cfg, plan, model_files, output, schema, done, periodic)
-        records = manifest.load_done(cfg.output, options)  # what storage holds now: the one truth for the manifest
+        records = manifest.load_done(cfg.output, options, check_order=True)  # what storage holds now: the truth
         if unwritable is None:
             errors.update(_unify_schema(cfg, output, records, periodic))
     final = manifest.build_manifest(cfg.output, run_record, plan.shards, records, started=session_start,

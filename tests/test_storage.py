@@ -214,11 +214,11 @@ def test_lock_wait_takes_over_once_the_holder_goes_stale(tmp_path):
 def test_lock_of_a_dead_pid_is_stale_only_in_the_same_pid_namespace(tmp_path):
     """A dead pid means a dead run only on the same host, boot and PID namespace: containers that share a host name
     (host networking) have PID namespaces of their own."""
-    from pipeline.lock import _host_identity
+    from pipeline.lock import host_identity
 
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock_url = storage.join(str(tmp_path), "_state/lock.json")
-    record = {**_host_identity(), "pid": int(proc.stdout), "run_id": "crashed", "token": "t", "epoch": 3,
+    record = {**host_identity(), "pid": int(proc.stdout), "run_id": "crashed", "token": "t", "epoch": 3,
               "lease_s": 120.0, "heartbeat": time.time()}
     for other in ({"host": "some-other-host"}, {"pidns": "4026531999"}):
         storage.write_json(lock_url, {**record, **other})

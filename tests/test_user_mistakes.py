@@ -8,7 +8,6 @@ import json
 import logging
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import ray
 from audio_fixtures import write_audio
 from pipeline import manifest, runner
 from pipeline.cli import main
-from pipeline.lock import RunLock
+from pipeline.lock import RunLock, host_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,7 +180,7 @@ def test_status_after_a_kill_says_interrupted(done_output, tmp_path, capsys):
     (out / manifest.MANIFEST_PATH).write_text(json.dumps(killed))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    lock = {"host": socket.gethostname(), "pid": dead.pid, "run_id": "killed", "token": "t", "heartbeat": time.time()}
+    lock = {**host_identity(), "pid": dead.pid, "run_id": "killed", "token": "t", "heartbeat": time.time()}
     (out / "_state" / "lock.json").write_text(json.dumps(lock))
     assert main(["status", str(out)]) == 0
     text = capsys.readouterr().out
