@@ -2,7 +2,7 @@
 
 from .checkpoint import CheckpointError, load_mimi, random_state_dict, save_checkpoint, write_random_checkpoint
 from .config import MimiConfig
-from .model import MimiModel
+from .model import MimiModel, NonFiniteLatentError
 
-__all__ = ["CheckpointError", "MimiConfig", "MimiModel", "load_mimi", "random_state_dict", "save_checkpoint",
-           "write_random_checkpoint"]
+__all__ = ["CheckpointError", "MimiConfig", "MimiModel", "NonFiniteLatentError", "load_mimi", "random_state_dict",
+           "save_checkpoint", "write_random_checkpoint"]
