@@ -4,6 +4,7 @@ covers the model calls only."""
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 
 import numpy as np
@@ -13,6 +14,7 @@ from torch.overrides import TorchFunctionMode
 
 import mimi
 from mimi_weights import audio
+from pipeline.encode import ShardEncoding
 from test_encode_stage import alone, audio as clip_audio, encode_parts, parts_of
 
 
@@ -101,3 +103,43 @@ def test_rope_tables_and_window_masks_are_built_once_per_shape(model):
     assert first.calls[torch.cos] == first.calls[torch.sin] == 1 and first.calls[torch.arange] > 0
     assert again.calls[torch.cos] == again.calls[torch.sin] == again.calls[torch.arange] == 0
     assert chunked.calls[torch.cos] == 3
+
+
+class GuardedLock:
+    """The model lock, recording whether it is held; taking it while ``forbidden`` fails the test."""
+
+    def __init__(self):
+        self.lock, self.forbidden, self.holds = threading.Lock(), False, 0
+
+    def __enter__(self):
+        assert not self.forbidden, "the model lock was taken outside a model call"
+        self.lock.acquire()
+        self.holds += 1
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+    def locked(self) -> bool:
+        return self.lock.locked()
+
+
+def test_the_model_lock_covers_the_model_calls_only(model, monkeypatch):
+    """prepare (padding, copy to the device) and finish (codes back, int16) never take the lock; every model
+    computation runs under it; codes equal each clip encoded alone, whole or streamed."""
+    clips = [clip_audio(i, s) for i, s in enumerate([0.6, 3.1, 0.7, 0.2, 0.9])]
+    parts = parts_of(clips, part_seconds=1.5, block=5_000)
+    lock = GuardedLock()
+    held = []
+    encode_chunk = model._encode_chunk
+    monkeypatch.setattr(model, "_encode_chunk", lambda *args: (held.append(lock.locked()), encode_chunk(*args))[1])
+    encoding = ShardEncoding(model, num_codebooks=4, batch_max_seconds=4.0, chunk_frames=8, lock=lock)
+    for part in parts:
+        lock.forbidden = True
+        prepared = encoding.prepare(part)
+        lock.forbidden = False
+        encoded = encoding.encode(prepared)
+        lock.forbidden = True
+        encoding.finish(part, encoded)
+    assert held and all(held) and lock.holds > 0
+    for x, row in zip(clips, encoding.rows):
+        np.testing.assert_array_equal(row.codes, alone(model, x, 4, chunk_frames=8))
