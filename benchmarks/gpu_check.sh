@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 18 in one go, on a CUDA machine, from the repository root (about 6-9 minutes on an H200):
+# The GPU checks of issue 18 in one go, on a CUDA machine, from the repository root (about 7-9 minutes on an H200, at most 9.5):
 #   1. the tests marked gpu (exact mode vs CPU codes, float16/bfloat16 agreement per level, the encode stage on CUDA,
 #      and a whole run where Ray and the audio libraries are installed);
 #   2. bench_encode.py, ours exact (float32, TF32 off) and fast (float16, TF32 on): 64 and 128 clips of 10 s and one
-#      1-hour clip: x-realtime, peak memory, fast-vs-exact agreement per level;
+#      1-hour clip: x-realtime, peak memory, fast-vs-exact agreement per level; the 1-hour clip again in chunks of
+#      1500 frames (2 min) instead of 150, the measure for device-aware chunk sizes (issue 18, item 3);
 #   3. bench_pipeline.py --device cuda (20 minutes of FLAC, end to end), only where Ray and soundfile import;
 # with the GPU's utilisation sampled every second throughout (nvidia-smi dmon), so the busy share of each step can
 # be read off. Every step has its own time limit; a step that fails or runs out leaves its log and the rest go on.
@@ -41,15 +42,19 @@ step() {
     note "== $name: exit $rc after $(($(date +%s) - start)) s (limit $limit s) until $(date +%H:%M:%S)"
 }
 
-step tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/test_gpu.py
+step tests 110 python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/test_gpu.py
 grep -E "^\[GPU|passed|failed|skipped|Error" "$out/tests.log" | tee -a "$summary"
 
-step encode 300 python3 benchmarks/bench_encode.py --device cuda --impls ours --fast --cases b64_10s,b128_10s,1x1h \
+step encode 270 python3 benchmarks/bench_encode.py --device cuda --impls ours --fast --cases b64_10s,b128_10s,1x1h \
     --repeats 3 --markdown --json "$out/encode.json" --weights-dir /tmp/mimi-bench-weights
 sed -n '/^\*\*/,$p' "$out/encode.log" | tee -a "$summary"
 
+step chunks 100 python3 benchmarks/bench_encode.py --device cuda --impls ours --fast --cases 1x1h --chunk-frames 1500 \
+    --repeats 2 --markdown --weights-dir /tmp/mimi-bench-weights
+sed -n '/^\*\*/,$p' "$out/chunks.log" | tee -a "$summary"
+
 if python3 -c "import ray, soundfile, soxr, av" 2>/dev/null; then
-    step pipeline 120 python3 benchmarks/bench_pipeline.py --device cuda --minutes 20 --files-per-shard 8 --markdown \
+    step pipeline 90 python3 benchmarks/bench_pipeline.py --device cuda --minutes 20 --files-per-shard 8 --markdown \
         --workdir /tmp/mimi-bench-pipeline
     tail -n 8 "$out/pipeline.log" | tee -a "$summary"
 else
