@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 18 in one go, on a CUDA machine, from the repository root (about 7-9 minutes on an H200, at most 9.5):
+# The GPU checks of issue 18 in one go, on a CUDA machine, from the repository root (7-9 minutes on an H200):
 #   1. the tests marked gpu (exact mode vs CPU codes, float16/bfloat16 agreement per level, the encode stage on CUDA,
 #      and a whole run where Ray and the audio libraries are installed);
 #   2. bench_encode.py, ours exact (float32, TF32 off) and fast (float16, TF32 on): 64 and 128 clips of 10 s and one
