@@ -57,6 +57,7 @@ class Case:
     name: str
     seconds: tuple[float, ...]  # one duration per batch item
     cuda_only: bool = False
+    ours_only: bool = False  # the peers' one-call attention mask alone would be T² (an hour: 90,000² steps)
 
     def num_samples(self, scale: float) -> list[int]:
         return [max(1, round(s * scale * SAMPLE_RATE)) for s in self.seconds]
@@ -71,6 +72,7 @@ CASES = {c.name: c for c in [
     Case("b128_10s", (10.0,) * 128, cuda_only=True),
     Case("mixed32", tuple(3.7 + 0.9 * i for i in range(32)), cuda_only=True),  # 3.7 s … 31.6 s, partial frames
     Case("1x10min", (600.0,), cuda_only=True),
+    Case("1x1h", (3600.0,), cuda_only=True, ours_only=True),
 ]}
 
 
@@ -100,9 +102,10 @@ def prepare_weights(folder: Path, seed: int) -> None:
     mimi.save_checkpoint(state, hf_folder, "transformers")
 
 
-def load_ours(weights: Path, device: str, num_codebooks: int, dtype: torch.dtype = torch.float32) -> Encoder:
+def load_ours(weights: Path, device: str, num_codebooks: int, dtype: torch.dtype = torch.float32,
+              chunk_frames: int = 150) -> Encoder:
     model = mimi.load_mimi(weights / MOSHI_FILENAME, device=device, dtype=dtype)
-    return lambda wav, lengths: model.encode(wav, lengths, num_codebooks)
+    return lambda wav, lengths: model.encode(wav, lengths, num_codebooks, chunk_frames=chunk_frames)
 
 
 def load_moshi(weights: Path, device: str, num_codebooks: int) -> Encoder:
@@ -179,8 +182,10 @@ def run_worker(spec: dict) -> dict:
         tf32 = impl == "ours_fast"
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
-    loader = (partial(load_ours, dtype=getattr(torch, spec["fast_dtype"])) if impl == "ours_fast"
-              else LOADERS[impl])
+    loader = LOADERS[impl.removesuffix("_fast")]
+    if impl.startswith("ours"):
+        loader = partial(loader, chunk_frames=spec["chunk_frames"],
+                         dtype=getattr(torch, spec["fast_dtype"]) if impl == "ours_fast" else torch.float32)
     try:
         encode = loader(Path(spec["weights"]), device, spec["num_codebooks"])
     except ImportError as exc:
@@ -200,7 +205,8 @@ def measure(impl: str, case: Case, args: argparse.Namespace, weights: Path, scra
     codes_out, result_out = scratch / f"{case.name}.{impl}.pt", scratch / f"{case.name}.{impl}.json"
     spec = {"impl": impl, "case": case.name, "device": args.device, "num_codebooks": args.num_codebooks,
             "repeats": args.repeats, "warmup": args.warmup, "scale": args.scale, "seed": args.seed,
-            "fast_dtype": args.fast_dtype, "weights": str(weights), "codes_out": str(codes_out),
+            "fast_dtype": args.fast_dtype, "chunk_frames": args.chunk_frames, "weights": str(weights),
+            "codes_out": str(codes_out),
             "result_out": str(result_out)}
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode != 0 or not result_out.is_file():
@@ -309,6 +315,7 @@ def machine_meta(args: argparse.Namespace) -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "moshi": version("moshi"),
             "transformers": version("transformers"), "device": args.device, "num_codebooks": args.num_codebooks,
             "repeats": args.repeats, "warmup": args.warmup, "scale": args.scale, "fast_dtype": args.fast_dtype,
+            "chunk_frames": args.chunk_frames,
             "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
 
 
@@ -342,6 +349,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--num-codebooks", type=int, default=8)
+    p.add_argument("--chunk-frames", type=int, default=150, help="ours: frames per encode chunk (150 = 12 s)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every clip duration (e.g. 0.1 for smoke tests)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the input audio")
     p.add_argument("--weights-dir", type=Path, help="keep (or reuse) the random weights here; default: a temp dir")
@@ -381,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_weights(weights, args.seed)
         for case in cases:
             num_samples = case.num_samples(args.scale)
-            for impl in impls:
+            for impl in [i for i in impls if i.startswith("ours") or not case.ours_only]:
                 result = unavailable.get(impl) or measure(impl, case, args, weights, Path(scratch))
                 if "skipped" in result:
                     unavailable[impl] = result

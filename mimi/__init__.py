@@ -3,7 +3,7 @@
 from .checkpoint import (CheckpointError, is_untrained, load_mimi, random_state_dict, save_checkpoint,
                          write_random_checkpoint)
 from .config import MimiConfig
-from .model import MimiModel
+from .model import MimiModel, NonFiniteLatentError
 
-__all__ = ["CheckpointError", "MimiConfig", "MimiModel", "is_untrained", "load_mimi", "random_state_dict",
-           "save_checkpoint", "write_random_checkpoint"]
+__all__ = ["CheckpointError", "MimiConfig", "MimiModel", "NonFiniteLatentError", "is_untrained", "load_mimi",
+           "random_state_dict", "save_checkpoint", "write_random_checkpoint"]

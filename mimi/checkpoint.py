@@ -314,21 +314,22 @@ def load_mimi(source: str | Path = DEFAULT_REPO, *, device: str | torch.device =
               dtype: torch.dtype = torch.float32, revision: str | None = None) -> MimiModel:
     """Load Mimi from a Hub repo id, a local folder or a local .safetensors file (either official layout).
 
-    ``dtype`` (float16, bfloat16) casts the convolutions and transformers; the split RVQ (its projections and
-    codebooks) stays float32, and so does the nearest-code search."""
+    ``dtype`` (float16, bfloat16) casts the convolutions and transformers. The first convolution stays float32, so
+    the waveform is never cast to 16 bits (float16 keeps 11 of a 16-bit sample's bits, and overflows past 65504),
+    and so does the split RVQ (its projections and codebooks) with the nearest-code search."""
     path = resolve_source(source, revision)
     tensors = read_safetensors(path)
     layout = detect_layout(tensors)
     config_json = path.parent / "config.json"
     hf_config = json.loads(config_json.read_text()) if config_json.is_file() else None
-    model = MimiModel(infer_config(tensors, layout, hf_config))
+    model = MimiModel(infer_config(tensors, layout, hf_config)).to(dtype=dtype)
+    # float32 whatever the dtype, set before loading so that no weight is rounded twice: the codebooks (small
+    # cluster_usage / embedding_sum values underflow in 16 bits) and the first convolution (it takes the waveform)
+    model.quantizer.float()
+    model.encoder.model[0].float()
     model.load_state_dict(from_layout(tensors, model, layout), strict=True)
     model.source, model.revision, model.weights_sha256 = str(source), revision, sha256_file(path)
-    model.to(device=device)
-    for name, part in model.named_children():
-        if name != "quantizer":  # the codebooks stay float32: cast, small cluster_usage / embedding_sum underflow
-            part.to(dtype=dtype)
-    return model.eval()
+    return model.to(device=device).eval()
 
 
 # --- random weights (tests, benchmarks, the offline demo) ----------------------------------------------

@@ -13,6 +13,10 @@ from .seanet import CausalConv1d, CausalConvTranspose1d, SEANetDecoder, SEANetEn
 from .transformer import Transformer
 
 
+class NonFiniteLatentError(FloatingPointError):
+    """The latent of some clip holds NaN or inf, so no code of it means anything: raised instead of codes."""
+
+
 class MimiModel(nn.Module):
     def __init__(self, cfg: MimiConfig = MimiConfig()):
         super().__init__()
@@ -59,6 +63,9 @@ class MimiModel(nn.Module):
         Audio is encoded in chunks of ``chunk_frames`` frames (150 = 12 s; ``None``: one chunk) that carry the
         convolution state and the 250-step attention window, so memory stays bounded for any length and the
         codes equal a one-call encode (moshi's non-streaming path) up to float rounding.
+
+        Raises :class:`NonFiniteLatentError` when a clip's latent holds NaN or inf (NaN/inf audio, or a float16
+        overflow): never codes of it.
         """
         if wav.dim() != 3 or wav.shape[1] != 1:
             raise ValueError(f"wav must be [B, 1, T], got {tuple(wav.shape)}")
@@ -76,9 +83,10 @@ class MimiModel(nn.Module):
 
         embeddings, cache = self.quantizer.embeddings(), {}
         step = (chunk_frames or n_frames) * self.frame_size
-        codes = [self._encode_chunk(wav[:, s:s + step], cache, num_codebooks, embeddings)
-                 for s in range(0, wav.shape[1], step)]
-        codes = torch.cat(codes, dim=-1)
+        chunks = [self._encode_chunk(wav[:, s:s + step], cache, num_codebooks, embeddings)
+                  for s in range(0, wav.shape[1], step)]
+        self._raise_unless_finite(torch.stack([finite for _, finite in chunks]).all(dim=0))
+        codes = torch.cat([codes for codes, _ in chunks], dim=-1)
         if owned is not None:  # frames past a clip's end: -1
             codes.masked_fill_(torch.arange(n_frames, device=codes.device) >= owned.to(codes.device)[:, None, None], -1)
         return codes
@@ -90,12 +98,26 @@ class MimiModel(nn.Module):
         return StreamingEncoder(self, num_codebooks, chunk_frames)
 
     def _as_param(self, wav: torch.Tensor) -> torch.Tensor:
-        param = next(self.parameters())
-        return wav.to(device=param.device, dtype=param.dtype)
+        """The waveform on the model's device, in its first convolution's dtype (float32 in a half model)."""
+        weight = self.encoder.model[0].weight
+        return wav.to(device=weight.device, dtype=weight.dtype)
 
-    def _encode_chunk(self, wav: torch.Tensor, cache: dict, num_codebooks: int, embeddings) -> torch.Tensor:
-        """[B, n·1920, 1] → codes [B, K, n], carrying the convolution and attention state in ``cache``."""
-        return self.quantizer.encode(self._latent(wav, cache), num_codebooks, embeddings)
+    def _encode_chunk(self, wav: torch.Tensor, cache: dict, num_codebooks: int,
+                      embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, n·1920, 1] → codes [B, K, n] and whether each item's latent is finite (bool [B], on the device, not
+        waited for), carrying the convolution and attention state in ``cache``."""
+        latent = self._latent(wav, cache)
+        return self.quantizer.encode(latent, num_codebooks, embeddings), latent.isfinite().flatten(1).all(dim=1)
+
+    def _raise_unless_finite(self, finite: torch.Tensor) -> None:
+        """Raise :class:`NonFiniteLatentError` unless every item's latent was finite (``finite``: bool [B])."""
+        if bool(finite.all()):
+            return
+        dtype = str(self.downsample.weight.dtype).removeprefix("torch.")
+        cause = (f"an overflow past the {dtype} range: encode these clips in float32" if dtype != "float32"
+                 else "NaN or inf samples in the audio, or values too large for float32")
+        raise NonFiniteLatentError(f"the latent of batch item(s) {(~finite).nonzero().flatten().tolist()} holds NaN "
+                                   f"or inf, so it has no codes: {dtype} model, likely {cause}")
 
     def _latent(self, wav: torch.Tensor, cache: dict) -> torch.Tensor:
         """[B, n·1920, 1] → unquantized 12.5 Hz latent [B, n, C], carrying state in ``cache``.
@@ -182,7 +204,9 @@ class StreamingEncoder:
 
     def _chunk(self, audio: torch.Tensor) -> torch.Tensor:
         wav = self.model._as_param(audio).view(1, -1, 1)
-        return self.model._encode_chunk(wav, self.cache, self.num_codebooks, self.embeddings)[0]
+        codes, finite = self.model._encode_chunk(wav, self.cache, self.num_codebooks, self.embeddings)
+        self.model._raise_unless_finite(finite)
+        return codes[0]
 
     def _empty(self) -> torch.Tensor:
         return torch.zeros(self.num_codebooks, 0, dtype=torch.long, device=next(self.model.parameters()).device)

@@ -61,6 +61,7 @@ class CausalConv1d(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         B, T, C = x.shape
+        x = x.to(self.weight.dtype)  # a float32 conv in a half model (the first) computes, and returns, float32
         if self.pad:
             prev = cache.get(self) if cache is not None else None
             if prev is None:

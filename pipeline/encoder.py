@@ -4,9 +4,10 @@ For each shard it is given, a :class:`ShardEncoder` starts a ``decode:{shard}`` 
 its own node, so parts move through shared memory without a copy) that yields the shard's decoded audio in bounded
 parts (:mod:`pipeline.prepare`). The actor encodes the parts in order (:mod:`pipeline.encode`) and commits the shard
 (:mod:`pipeline.commit`). It works on ``decode_tasks_per_encoder`` shards at once, one thread each: the threads take
-turns on the model (one lock), so while one shard's parts are being decoded, or its Parquet file built and
-uploaded, the model encodes another's, and the GPU does not wait for a single decoder or for a commit. The driver
-only hands out shards; no audio passes through it.
+turns on the model (one lock, held around the model calls only), so while one shard's parts are being decoded,
+padded and copied to the device, or its codes collected, its Parquet file built and uploaded, the model encodes
+another's, and the GPU does not wait for a single decoder or for a commit. The driver only hands out shards; no
+audio passes through it.
 
 Faults, all bounded:
 
@@ -153,7 +154,7 @@ class ShardEncoder:
     def _new_encoding(self) -> ShardEncoding:
         s = self.settings
         return ShardEncoding(self.model, num_codebooks=s.num_codebooks, batch_max_seconds=s.batch_max_seconds,
-                             max_pad_ratio=s.max_pad_ratio, chunk_frames=s.chunk_frames)
+                             max_pad_ratio=s.max_pad_ratio, chunk_frames=s.chunk_frames, lock=self.model_lock)
 
     def _start(self, shard: Shard, only: int | None = None):
         name = f"decode:{shard.shard_id}" + ("" if only is None else f"#{only}")
@@ -169,8 +170,7 @@ class ShardEncoder:
             encoding = self._new_encoding()
             try:
                 for part in self._parts(self._start(shard), f"shard {shard.shard_id}"):
-                    with self.model_lock:
-                        encoding.add(part)
+                    encoding.add(part)  # holds the model lock around its model calls only
                 return encoding
             except WorkerDied as exc:
                 log.warning("decoding shard %s failed (%s), try %d of %d", shard.shard_id, exc, trial + 1,
@@ -205,8 +205,7 @@ class ShardEncoder:
                 encoding = self._new_encoding()
                 try:
                     for part in self._parts(generator, f"clip {clip_id} of shard {shard.shard_id}"):
-                        with self.model_lock:
-                            encoding.add(part)
+                        encoding.add(part)
                     result.rows += encoding.rows
                     result.failures += encoding.failures
                     break

@@ -1,20 +1,17 @@
 """On a CUDA GPU (skipped without one; CI has none): exact mode (float32, TF32 off) agrees with the CPU's exact codes,
-fast modes' per-level agreement is reported, and a whole run encodes on the GPU."""
+fast modes' per-level agreement is reported, the encode stage's pinned copies give the CPU's codes, and a whole run
+encodes on the GPU (where Ray and the audio libraries are installed: a bare GPU image runs the rest)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import ray
 import torch
 
 import mimi
-from audio_fixtures import write_audio
 from mimi_weights import SR, audio, checkpoint
-from outputs import read_output, reference_codes
-from pipeline import manifest
-from pipeline.config import RunConfig
-from pipeline.runner import run
+from pipeline.encode import ShardEncoding
+from pipeline.types import ClipInfo, Part, Piece
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -54,7 +51,38 @@ def test_gpu_fast_mode_agreement_per_level(weights, batch, cpu_codes, dtype, cap
     assert per_level[0] >= 0.9
 
 
+def test_the_encode_stage_on_the_gpu_gives_the_cpu_codes(tiny_model_path):
+    """Whole clips in batches and a clip streamed over two parts, copied in through pinned memory."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    clips = [audio(n, seed=i)[0, 0].numpy() for i, n in enumerate([30_000, 24_000, 50_000, 90_001])]
+    info = [ClipInfo(i, f"c{i}", f"file:///c{i}.wav", SR, 1) for i in range(len(clips))]
+    cut = 40_000
+    whole = [Piece(info[i], clips[i], 0, True) for i in range(3)]
+    parts = [Part("s", 0, whole + [Piece(info[3], clips[3][:cut], 0, False)]),
+             Part("s", 1, [Piece(info[3], clips[3][cut:], cut, True)], last=True)]
+    rows = {}
+    for device in ("cpu", "cuda"):
+        encoding = ShardEncoding(mimi.load_mimi(tiny_model_path, device=device), num_codebooks=8, batch_max_seconds=10,
+                                 max_pad_ratio=1.0, chunk_frames=10)
+        for part in parts:
+            prepared = encoding.prepare(part)
+            assert all(wav.device.type == device for _, wav in prepared.batches + prepared.streamed)
+            encoding.finish(part, encoding.encode(prepared))
+        assert encoding.failures == []
+        rows[device] = [row.codes for row in encoding.rows]
+    assert [c.shape for c in rows["cuda"]] == [c.shape for c in rows["cpu"]]
+    equal = sum(int((a == b).sum()) for a, b in zip(rows["cuda"], rows["cpu"])) / sum(c.size for c in rows["cpu"])
+    assert equal >= 0.999
+
+
 def test_a_run_encodes_on_the_gpu(tmp_path, tiny_model_path):
+    ray = pytest.importorskip("ray")
+    from audio_fixtures import write_audio
+    from outputs import read_output, reference_codes
+    from pipeline import manifest
+    from pipeline.config import RunConfig
+    from pipeline.runner import run
+
     for i in range(6):
         write_audio(tmp_path / "in" / f"c{i}.wav", "wav_pcm16", 16_000, 1.0 + 0.3 * i, seed=i)
     ray.init(num_cpus=4, num_gpus=torch.cuda.device_count(), include_dashboard=False)

@@ -72,13 +72,15 @@ def test_half_precision_models_encode_close_to_float32(tiny_model_path, dtype, l
 
 def test_half_precision_models_keep_the_quantizer_in_float32(tiny_model_path):
     """Casting the codebook buffers to float16 would underflow small cluster_usage / embedding_sum values: the split
-    RVQ stays float32 (equal to the float32 model's), the rest takes the dtype; decode works across the boundary."""
+    RVQ stays float32 (equal to the float32 model's), and so does the first conv; the rest takes the dtype; decode
+    works across the boundary."""
     exact = mimi.load_mimi(tiny_model_path)
     half = mimi.load_mimi(tiny_model_path, dtype=torch.float16)
     assert {t.dtype for t in half.quantizer.state_dict().values()} == {torch.float32}
     for name, tensor in exact.quantizer.state_dict().items():
         assert torch.equal(half.quantizer.state_dict()[name], tensor), name
-    assert half.encoder.model[0].weight.dtype == torch.float16
+    assert half.encoder.model[0].weight.dtype == torch.float32  # the first conv takes the waveform in float32
+    assert half.encoder.model[1].block[1].weight.dtype == torch.float16
     assert half.encoder_transformer.layers[0].linear1.weight.dtype == torch.float16
     codes = half.encode(audio(24_000, seed=1), num_codebooks=8)
     assert half.decode(codes).dtype == torch.float16
