@@ -204,7 +204,9 @@ def read_rows(output: Path) -> dict[str, np.ndarray]:
 
 
 def output_files(output: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(output)): p.read_bytes() for p in sorted(output.rglob("*")) if p.is_file()}
+    """Every file of the output but the lock's (each run takes it with a new epoch and marks it released)."""
+    return {str(p.relative_to(output)): p.read_bytes() for p in sorted(output.rglob("*"))
+            if p.is_file() and not p.name.startswith((".lock.json", "lock.json"))}
 
 
 # --- tests ------------------------------------------------------------------------------------------------------------
