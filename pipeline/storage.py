@@ -71,9 +71,14 @@ def join(url: str, *parts: str) -> str:
     return (url if url.endswith("/") else url + "/") + tail
 
 
+def _speaks(fs: fsspec.AbstractFileSystem, protocols: frozenset[str]) -> bool:
+    """Whether ``fs`` is one of ``protocols``."""
+    own = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return bool(protocols.intersection(own))
+
+
 def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-    return bool(OBJECT_STORE_PROTOCOLS.intersection(protocols))
+    return _speaks(fs, OBJECT_STORE_PROTOCOLS)
 
 
 def _tmp_sibling(path: str) -> str:
@@ -275,8 +280,7 @@ class PreconditionFailed(ValueError):
 
 
 def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-    return bool({"s3", "s3a"}.intersection(protocols))
+    return _speaks(fs, frozenset({"s3", "s3a"}))
 
 
 def _precondition_failed(exc: BaseException) -> bool:
