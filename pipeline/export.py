@@ -96,7 +96,7 @@ def export(output_url: str, dest: str | Path, *, num_codebooks_out: int | None =
     k = k_out if num_codebooks_out is None else num_codebooks_out
     if not 1 <= k <= k_out:
         raise ExportError(f"--num-codebooks must be between 1 and {k_out} (the codebooks {where} has), got {k}")
-    entries = [e for e in current["shards"] if e["status"] != "pending"]
+    entries = [e for e in manifest.shard_entries(output_url, current, storage_options) if e["status"] != "pending"]
     if not entries:
         raise ExportError(f"{where}: no shard is done; there is nothing to export")
     digest = data_digest(entries)

@@ -332,6 +332,14 @@ def build_manifest(output_url: str, run: dict[str, Any], shards: list[Shard], do
     }
 
 
+def shard_entries(output_url: str, current: dict[str, Any], storage_options: dict[str, Any] | None = None
+                  ) -> list[dict[str, Any]]:
+    """The output's entries (one per shard of the listing, in its order, then one per retained file), each with its
+    ``shard_id``, ``kind``, ``uri``, ``status`` and, once written, ``file``, ``rows``, ``frames``, ``bytes``,
+    ``sha256``, ``clips``, ``failed``, ``hours``, ``attempt``. Readers go through here, not ``current["shards"]``."""
+    return current["shards"]
+
+
 def write_manifest(output_url: str, manifest: dict[str, Any], storage_options: dict[str, Any] | None = None) -> None:
     """Write ``manifest.json`` at the output root, atomically."""
     storage.write_json(storage.join(output_url, MANIFEST_PATH), manifest, storage_options)

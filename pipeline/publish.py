@@ -97,7 +97,7 @@ def check_publishable(output_url: str, current: dict[str, Any], done: dict[str, 
     if lock is not None:
         raise PublishError(f"{where} is being written by run {lock.get('run_id')!r} on host {lock.get('host')} "
                            f"(heartbeat {time.time() - lock['heartbeat']:.0f} s ago); publish it once the run ends")
-    entries = current["shards"]  # the listing's shards, then the files retained for inputs that are gone
+    entries = manifest.shard_entries(output_url, current, storage_options)  # the listing's shards, then the files retained for inputs that are gone
     listed_done = [e for e in entries if e["status"] != "pending"]
     broken = [e["shard_id"] for e in listed_done if e["shard_id"] not in done]
     if broken:

@@ -41,7 +41,8 @@ def data_files(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     except FileNotFoundError:
         current = None
     if current is not None:
-        files = sorted(e["file"] for e in current["shards"] if e["status"] != "pending")
+        files = sorted(e["file"] for e in manifest.shard_entries(url, current, storage_options)
+                       if e["status"] != "pending")
         return [storage.join(url, f) for f in files], current
     names = [n for n in storage.list_files(storage.join(url, manifest.DATA_DIR), storage_options)
              if n.endswith(".parquet")]
