@@ -105,15 +105,15 @@ def k_weighting_power(n_fft: int, rate: int = SAMPLE_RATE) -> np.ndarray:
     return shelf * high_pass
 
 
-def _frame_weights() -> np.ndarray:
-    """``[bins, 2]``: a frame's power spectrum times this gives its mean square, plain and K-weighted (Parseval)."""
-    bins = FRAME // 2 + 1
-    parseval = np.full(bins, 2.0 / FRAME**2)
-    parseval[0] = parseval[-1] = 1.0 / FRAME**2  # DC and Nyquist appear once in the full spectrum (FRAME is even)
-    return np.stack([parseval, parseval * k_weighting_power(FRAME)], axis=1).astype(np.float32)
+def _parseval() -> np.ndarray:
+    """``[bins]``: a frame's ``rfft`` power spectrum weighted by this sums to its mean square (Parseval)."""
+    weights = np.full(FRAME // 2 + 1, 2.0 / FRAME**2)
+    weights[0] = weights[-1] = 1.0 / FRAME**2  # DC and Nyquist appear once in the full spectrum (FRAME is even)
+    return weights
 
 
-_WEIGHTS = _frame_weights()
+_PLAIN = _parseval().astype(np.float32)
+_K_WEIGHTED = (_parseval() * k_weighting_power(FRAME)).astype(np.float32)
 _vad_models = threading.local()
 
 
@@ -196,10 +196,11 @@ class ClipSignals:
 
     def _frames(self, frames: np.ndarray) -> np.ndarray:
         """Accumulate the frames' power spectrum; return their mean squares, plain and K-weighted ``[n, 2]``."""
-        spectra = scipy.fft.rfft(frames, axis=1).view(np.float32).reshape(len(frames), -1, 2)
-        power = np.einsum("fbc,fbc->fb", spectra, spectra)
+        spectra = scipy.fft.rfft(frames, axis=1)  # float32 in, complex64 out
+        power = spectra.real ** 2 + spectra.imag ** 2
         self.spectrum += power.sum(axis=0, dtype=np.float64)
-        return power @ _WEIGHTS
+        # products and sums, not a matrix product: BLAS threads cost more CPU than they save here
+        return np.stack([(power * _PLAIN).sum(axis=1), (power * _K_WEIGHTED).sum(axis=1)], axis=1)
 
     def finish(self) -> Signals:
         """The clip's signals (call once, after its last block)."""
