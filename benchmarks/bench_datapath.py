@@ -414,8 +414,8 @@ def main() -> None:
     parser.add_argument("--ops", type=int, default=2000, help="retries: operations of each kind")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mimi-bench-datapath"))
     args = parser.parse_args()
-    {"decode": bench_decode, "signals": bench_signals, "latency": bench_latency, "overhead": bench_overhead, "longform": bench_longform,
-     "retries": bench_retries}[args.what](args)
+    {"decode": bench_decode, "signals": bench_signals, "latency": bench_latency, "overhead": bench_overhead,
+     "longform": bench_longform, "retries": bench_retries}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,12 @@
                       the ``--where`` filter (null: every row)
 
 Order: the output's data files sorted by name (``data/{shard_id}.parquet``), and the rows of each file in file order.
-K may be lower than the output's (the first K codebooks are kept). ``where`` (:mod:`pipeline.rowfilter`) keeps only
-the rows it selects, and ``meta.json`` records it (``where``, ``source_clips``). The copy is streamed a row group at a time, so
-memory does not grow with the output. An incomplete output is refused unless ``force``. The files are written
-under temporary names and renamed into place, ``meta.json`` last: a DIR without ``meta.json`` is not an export, and a
-rerun into a DIR whose ``meta.json`` names the same data and K does nothing. A DIR that holds anything else (other
-files, another export) is refused unless ``force``; a DIR inside the output always is.
+K may be lower than the output's (the first K codebooks are kept). ``where_text`` (:mod:`pipeline.rowfilter`) keeps
+only the rows it selects, and ``meta.json`` records it (``where``, ``source_clips``). The copy is streamed a row group
+at a time, so memory does not grow with the output. An incomplete output is refused unless ``force``. The files are
+written under temporary names and renamed into place, ``meta.json`` last: a DIR without ``meta.json`` is not an
+export, and a rerun into a DIR whose ``meta.json`` names the same data, K and filter does nothing. A DIR that holds
+anything else (other files, another export) is refused unless ``force``; a DIR inside the output always is.
 
 Read it with numpy::
 
@@ -117,7 +117,8 @@ def export(output_url: str, dest: str | Path, *, num_codebooks_out: int | None =
         return existing
     if existing is not None and not force:
         raise ExportError(f"{dest} holds another export ({existing.get('num_codebooks')} codebooks of "
-                          f"{existing.get('source')}, where {existing.get('where')!r}); pass --force to replace it, or give another folder")
+                          f"{existing.get('source')}, where {existing.get('where')!r}); pass --force to replace it, "
+                          "or give another folder")
     (dest / "meta.json").unlink(missing_ok=True)  # DIR is not a finished export until the new meta.json lands
     dest.mkdir(parents=True, exist_ok=True)
 

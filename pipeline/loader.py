@@ -102,9 +102,11 @@ class ParquetSource:
         parquet = open_parquet(unit.key, self.storage_options)
         if self.row_filter is None:
             return parquet.read(columns=["n_frames"]).column(0).to_numpy()
-        return np.concatenate([np.zeros(0, np.int32), *(
-            parquet.read_row_group(g, columns=["n_frames"]).column(0).to_numpy()[group_mask(parquet, g, self.row_filter)]
-            for g in range(parquet.metadata.num_row_groups))])
+        lengths = [np.zeros(0, np.int32)]
+        for group in range(parquet.metadata.num_row_groups):
+            n_frames = parquet.read_row_group(group, columns=["n_frames"]).column(0).to_numpy()
+            lengths.append(n_frames[group_mask(parquet, group, self.row_filter)])
+        return np.concatenate(lengths)
 
     def docs(self, unit: Unit, start: int = 0) -> Iterator[np.ndarray]:
         """The unit's (selected) clips from the ``start``-th on, ``[T, K_source]`` int16 each."""

@@ -81,4 +81,5 @@ def iter_codes(parquet: pq.ParquetFile, row_filter: RowFilter | None = None) -> 
         if mask is not None:
             table = table.filter(mask)
         codes, offsets = flatten(table.column("codes"))
-        yield CodesBatch(codes, offsets, table.column("id").to_pylist(), pc.sum(table.column("duration_s")).as_py() or 0.0)
+        seconds = pc.sum(table.column("duration_s")).as_py() or 0.0
+        yield CodesBatch(codes, offsets, table.column("id").to_pylist(), seconds)
