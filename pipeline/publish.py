@@ -62,6 +62,7 @@ TASK_CATEGORIES = ["audio-to-audio", "text-to-speech"]
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 COMMIT_MAX_FILES = 100
 COMMIT_MAX_BYTES = 20 * 2**30
+MAX_REPO_FILES = 99_000  # the Hub's limit is 100,000 files per repo
 
 
 class PublishError(RuntimeError):
@@ -150,6 +151,7 @@ def git_blob_sha1(path: str | os.PathLike) -> str:
 
 
 def staged(path: str, local_path: str | os.PathLike) -> StagedFile:
+    """The :class:`StagedFile` of the local file ``local_path``, to be ``path`` in the repo."""
     return StagedFile(path, str(local_path), os.path.getsize(local_path), sha256_file(local_path))
 
 
@@ -411,9 +413,11 @@ class Uploader:
                        (fnmatch.fnmatch(p, "data/*.parquet") or p.startswith("_publish/")))
         log.info("%s: uploaded %d file(s), deleting %d stale file(s)", self.repo_id, len(self.result.uploaded),
                  len(stale))
+        added = {op.path_in_repo for op in self.pending}
         self.pending += [CommitOperationDelete(path_in_repo=p) for p in stale]
         if self.pending:
-            self._commit("Update dataset card" if README in self.result.uploaded else "Remove stale data files")
+            self._commit("Update dataset card" if README in added else "Add Mimi codes" if added
+                         else "Remove stale data files")
         self.result.deleted += stale
 
     def _commit(self, message: str) -> None:
@@ -473,6 +477,9 @@ def publish(output_url: str, repo_id: str, *, private: bool = False, dry_run: bo
     done = manifest.load_done(output_url, storage_options)
     records = check_publishable(output_url, current, done, force=force, storage_options=storage_options)
     planned = packing.plan(records, target_file_bytes, files_per_folder)
+    if len(planned) > MAX_REPO_FILES:
+        raise PublishError(f"{len(planned):,} files of {_size(target_file_bytes)} would exceed the Hub's "
+                           f"{MAX_REPO_FILES:,} files per repo; raise --target-file-mb")
     temporary = staging is None
     staging = Path(tempfile.mkdtemp(prefix="mimi-publish-") if staging is None else os.path.abspath(staging))
     result = PublishResult(staging=str(staging), files=[])
