@@ -103,14 +103,18 @@ from pipeline.publish import PublishError  # noqa: E402 (with its subcommand)
 EXPECTED_ERRORS += (PublishError,)
 
 
-@command("publish", "upload a finished output to the Hugging Face Hub as a dataset repo (data/train-*.parquet and "
-         "a dataset card); rerun to resume an interrupted upload",
+@command("publish", "upload a finished output to the Hugging Face Hub as a dataset repo (its shards packed into "
+         "data/*/train-*.parquet files of about --target-file-mb, a shard mapping and a dataset card); rerun to "
+         "resume an interrupted upload",
          arg("output", help="output folder URL of a finished run"),
          arg("--repo", required=True, metavar="ORG/NAME", help="Hub dataset repo id (created if missing)"),
          arg("--private", action="store_true", help="create the repo private"),
-         arg("--dry-run", action="store_true", help="stage the dataset and list what would be uploaded; no upload"),
+         arg("--dry-run", action="store_true", help="pack the dataset and list what would be uploaded; no upload"),
+         arg("--target-file-mb", type=float, default=500, metavar="MB",
+             help="size of the packed Parquet files, in MiB (default 500; a shard bigger than that is a file alone)"),
          arg("--force", action="store_true", help="publish despite an incomplete run or too many failed clips"),
-         arg("--staging", metavar="DIR", help="local staging folder, kept and reused (default: a temporary one)"),
+         arg("--staging", metavar="DIR", help="local folder to pack into, kept (default: a temporary one); a dry "
+             "run leaves the packed files there, an upload deletes each once uploaded"),
          arg("--license", default="unknown", help="license id for the card (default unknown)"),
          arg("--config", help="YAML config file whose storage_options reach the output"))
 def publish_command(args: argparse.Namespace) -> int:
@@ -118,7 +122,7 @@ def publish_command(args: argparse.Namespace) -> int:
 
     return run_publish(args.output, args.repo, private=args.private, dry_run=args.dry_run, force=args.force,
                        staging=args.staging, license=args.license,
-                       storage_options=load_config(args.config).output_options())
+                       storage_options=load_config(args.config).output_options(), target_file_mb=args.target_file_mb)
 
 
 from pipeline.export import ExportError  # noqa: E402 (with its subcommand)

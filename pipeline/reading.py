@@ -2,12 +2,13 @@
 of codes (no Python object per frame), for ``export`` and the training loader.
 
 Sources: an output folder of ``mimi-tokenize run`` (the files its manifest lists as written, done or retained), or
-any folder with ``data/*.parquet`` in the same schema, e.g. a dataset published to the Hub (``hf://datasets/ORG/NAME``)
-or its staging folder. Files are read in the order of their names.
+any folder with ``data/*.parquet`` or ``data/*/*.parquet`` in the same schema, e.g. a dataset published to the Hub
+(``hf://datasets/ORG/NAME``) or its staging folder. Files are read in the order of their paths.
 """
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,8 +48,12 @@ def data_files(url: str, storage_options: dict[str, Any] | None = None) -> tuple
         files = sorted(e["file"] for e in manifest.shard_entries(url, current, storage_options)
                        if e["status"] != "pending")
         return [storage.join(url, f) for f in files], current
-    names = [n for n in storage.list_files(storage.join(url, manifest.DATA_DIR), storage_options)
-             if n.endswith(".parquet")]
+    fs, path = storage.get_fs(storage.join(url, manifest.DATA_DIR), storage_options)
+    try:  # data/*.parquet, or data/*/*.parquet as publish lays them out
+        names = [posixpath.relpath(p, path) for p in retry.call(fs.find, path, what=f"list {url}")
+                 if p.endswith(".parquet")]
+    except FileNotFoundError:
+        names = []
     if not names:
         raise FileNotFoundError(f"{manifest.redact(url)} has no manifest.json and no data/*.parquet")
     return [storage.join(url, manifest.DATA_DIR, n) for n in sorted(names)], None
