@@ -10,7 +10,7 @@ Steps:
 
        README.md                               dataset card: YAML front matter (configs, dataset_info, license,
                                                tags) and provenance (model, K, hours, failures, versions)
-       data/train-00000-of-0000N.parquet       the shard files, in the run's shard order (hardlinked when the
+       data/train-00000-of-0000N.parquet       the shard files, by file name (hardlinked when the
                                                output is on local disk, else downloaded through fsspec)
 
    Every staged file is checked against the sha256 in its done record.
@@ -43,7 +43,7 @@ import yaml
 from fsspec.implementations.local import LocalFileSystem
 
 from mimi.checkpoint import sha256_file
-from pipeline import manifest, state, storage
+from pipeline import index, manifest, state, storage
 from pipeline.writer import CODEBOOK_SIZE, CORE_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -90,15 +90,15 @@ class PublishResult:
 
 def check_publishable(output_url: str, current: dict[str, Any], done: dict[str, dict[str, Any]], *, force: bool,
                       storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The done records to publish, in the run's shard order; raise :class:`PublishError` when the output must
-    not be published (see the module docstring)."""
+    """The done records to publish, by file name (the index's order); raise :class:`PublishError` when the output
+    must not be published (see the module docstring)."""
     where = manifest.redact(output_url)
     lock = state.live_lock(output_url, storage_options)
     if lock is not None:
         raise PublishError(f"{where} is being written by run {lock.get('run_id')!r} on host {lock.get('host')} "
                            f"(heartbeat {time.time() - lock['heartbeat']:.0f} s ago); publish it once the run ends")
-    entries = manifest.shard_entries(output_url, current, storage_options)  # the listing's shards, then the files retained for inputs that are gone
-    listed_done = [e for e in entries if e["status"] != "pending"]
+    listed_done = manifest.shard_entries(output_url, current, storage_options, statuses=index.WRITTEN,
+                                         columns=["shard_id", "sha256"])  # by file name
     broken = [e["shard_id"] for e in listed_done if e["shard_id"] not in done]
     if broken:
         raise PublishError(f"{where}: the manifest lists {len(broken)} shard(s) as done whose done record or Parquet "
@@ -116,7 +116,9 @@ def check_publishable(output_url: str, current: dict[str, Any], done: dict[str, 
                    "finish it with `mimi-tokenize run` first")
         if not force:
             raise PublishError(message + ", or pass --force to publish only the shards that are done")
-        log.warning("%s; publishing the %d done shard(s) anyway (--force)", message, len(records))
+        lag = manifest.index_lag(current)
+        log.warning("%s; publishing the %d done shard(s) anyway (--force)%s", message, len(records),
+                    f": {lag}" if lag else "")
     if not records:
         raise PublishError(f"{where}: no shard is done; there is nothing to publish")
     share = manifest.failure_share(current)
@@ -266,9 +268,8 @@ def _fmt_failures(failed_by_class: dict[str, int]) -> str:
 
 
 def shard_counts(current: dict[str, Any]) -> tuple[int, int]:
-    """(done, all) shards of the listing, from the manifest's entries (retained files are not shards of it)."""
-    listing = [e for e in current["shards"] if e["status"] in ("done", "partial", "pending")]
-    return sum(e["status"] == "done" for e in listing), len(listing)
+    """(done, all) shards of the listing, from the manifest's totals (retained files are not shards of it)."""
+    return current["totals"]["shards_done"], current["totals"]["shards"]
 
 
 def card_totals(current: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import manifest, retry, storage
+from pipeline import index, manifest, retry, storage
 
 
 @dataclass
@@ -41,9 +41,8 @@ def data_files(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     except FileNotFoundError:
         current = None
     if current is not None:
-        files = sorted(e["file"] for e in manifest.shard_entries(url, current, storage_options)
-                       if e["status"] != "pending")
-        return [storage.join(url, f) for f in files], current
+        files = manifest.shard_table(url, current, storage_options, statuses=index.WRITTEN, columns=["file"])
+        return [storage.join(url, f) for f in files.column("file").to_pylist()], current
     names = [n for n in storage.list_files(storage.join(url, manifest.DATA_DIR), storage_options)
              if n.endswith(".parquet")]
     if not names:
