@@ -44,8 +44,7 @@ def to_table(entries: Sequence[dict[str, Any]]) -> pa.Table:
     """The entries as an index table, in index order (see the module docstring)."""
     written = sorted((e for e in entries if e["status"] in WRITTEN), key=lambda e: e["file"])
     others = sorted((e for e in entries if e["status"] not in WRITTEN), key=lambda e: e["shard_id"])
-    columns = {name: [e.get(name) for e in (*written, *others)] for name in SCHEMA.names}
-    return pa.table(columns, schema=SCHEMA)
+    return pa.Table.from_struct_array(pa.array([*written, *others], pa.struct(list(SCHEMA))))  # missing keys: null
 
 
 def write(output_url: str, entries: Sequence[dict[str, Any]], storage_options: dict[str, Any] | None = None,
