@@ -23,7 +23,7 @@ import platform
 import re
 import time
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import metadata
@@ -343,15 +343,18 @@ def build_manifest(output_url: str, run: dict[str, Any], shards: list[Shard], do
     }
 
 
-def write_manifest(output_url: str, manifest: dict[str, Any], storage_options: dict[str, Any] | None = None
-                   ) -> dict[str, Any]:
+def write_manifest(output_url: str, manifest: dict[str, Any], storage_options: dict[str, Any] | None = None, *,
+                   wanted: Callable[[], bool] = lambda: True) -> dict[str, Any] | None:
     """Write ``manifest.json`` at the output root, atomically, and return what it holds. A manifest with ``shards``
     entries (:func:`build_manifest`) has them written to a new index first; ``manifest.json`` then points to it
     (``index``), and the older indexes are deleted last: a reader never finds a manifest whose index is missing or
-    half-written. Without ``shards``, the manifest (a progress update) keeps the index it names."""
+    half-written. Without ``shards``, the manifest (a progress update) keeps the index it names. ``wanted`` is asked
+    once the index is written; if it says no, nothing else is written and None is returned."""
     if "shards" in manifest:
         shards_done = manifest["totals"]["shards_done"]
         pointer = index.write(output_url, manifest["shards"], storage_options, shards_done=shards_done)
+        if not wanted():
+            return None
         manifest = {**{k: v for k, v in manifest.items() if k != "shards"}, "index": pointer}
         storage.write_json(storage.join(output_url, MANIFEST_PATH), manifest, storage_options)
         index.remove_others(output_url, pointer["path"], storage_options)

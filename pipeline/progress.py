@@ -145,9 +145,10 @@ def manifest_writer(output_url: str, progress: Progress, writing: Callable[[], A
     ``writing`` (the run's lock) and retried by the store for at most ``window_s`` (then again by the writer); closing
     waits for the write in progress (``window_s``, plus as long again for the clients' own timeouts)."""
     def write(current: dict[str, Any]) -> None:
-        with writing(), retry.window(window_s):
-            written = manifest.write_manifest(output_url, current, storage_options)
-        if "shards" in current:
+        with writing(), retry.window(window_s):  # an index written after close() is not pointed to
+            written = manifest.write_manifest(output_url, current, storage_options, wanted=lambda: not writer.closed)
+        if written is not None and "shards" in current:
             progress.indexed(written["index"])
 
-    return LatestWriter(write, name="manifest-writer", retry_s=window_s, close_s=2 * window_s)
+    writer = LatestWriter(write, name="manifest-writer", retry_s=window_s, close_s=2 * window_s)
+    return writer
