@@ -349,17 +349,17 @@ def write_manifest(output_url: str, manifest: dict[str, Any], storage_options: d
     entries (:func:`build_manifest`) has them written to a new index first; ``manifest.json`` then points to it
     (``index``), and the older indexes are deleted last: a reader never finds a manifest whose index is missing or
     half-written. Without ``shards``, the manifest (a progress update) keeps the index it names. ``wanted`` is asked
-    once the index is written; if it says no, nothing else is written and None is returned."""
+    just before ``manifest.json`` is written; if it says no, that is not written and None is returned."""
+    pointer = None
     if "shards" in manifest:
         shards_done = manifest["totals"]["shards_done"]
         pointer = index.write(output_url, manifest["shards"], storage_options, shards_done=shards_done)
-        if not wanted():
-            return None
         manifest = {**{k: v for k, v in manifest.items() if k != "shards"}, "index": pointer}
-        storage.write_json(storage.join(output_url, MANIFEST_PATH), manifest, storage_options)
-        index.remove_others(output_url, pointer["path"], storage_options)
-        return manifest
+    if not wanted():
+        return None
     storage.write_json(storage.join(output_url, MANIFEST_PATH), manifest, storage_options)
+    if pointer is not None:
+        index.remove_others(output_url, pointer["path"], storage_options)
     return manifest
 
 

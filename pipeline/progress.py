@@ -143,12 +143,13 @@ def manifest_writer(output_url: str, progress: Progress, writing: Callable[[], A
                     storage_options: dict[str, Any] | None, window_s: float) -> LatestWriter[dict[str, Any]]:
     """A :class:`LatestWriter` of ``progress``'s snapshots to the output's ``manifest.json``, each write fenced by
     ``writing`` (the run's lock) and retried by the store for at most ``window_s`` (then again by the writer); closing
-    waits for the write in progress (``window_s``, plus as long again for the clients' own timeouts)."""
+    waits for the write in progress (``window_s``, plus a minute for the clients' own timeouts), and a write not yet
+    begun is not made."""
     def write(current: dict[str, Any]) -> None:
-        with writing(), retry.window(window_s):  # an index written after close() is not pointed to
+        with writing(), retry.window(window_s):  # nothing written after close() points anywhere
             written = manifest.write_manifest(output_url, current, storage_options, wanted=lambda: not writer.closed)
         if written is not None and "shards" in current:
             progress.indexed(written["index"])
 
-    writer = LatestWriter(write, name="manifest-writer", retry_s=window_s, close_s=2 * window_s)
+    writer = LatestWriter(write, name="manifest-writer", retry_s=window_s, close_s=window_s + 60)
     return writer
