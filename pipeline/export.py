@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import manifest, state, storage
+from pipeline import index, manifest, state, storage
 from pipeline.reading import data_files, iter_codes, num_codebooks, open_parquet
 from pipeline.rowfilter import parse_where
 
@@ -97,12 +97,14 @@ def export(output_url: str, dest: str | Path, *, num_codebooks_out: int | None =
                   f"{current['totals']['shards']} shards done)"
         if not force:
             raise ExportError(message + "; finish it with `mimi-tokenize run`, or pass --force to export what is done")
-        log.warning("%s; exporting the shards that are done (--force)", message)
+        lag = manifest.index_lag(current)
+        log.warning("%s; exporting the shards that are done (--force)%s", message, f": {lag}" if lag else "")
     k_out = current["num_codebooks"]
     k = k_out if num_codebooks_out is None else num_codebooks_out
     if not 1 <= k <= k_out:
         raise ExportError(f"--num-codebooks must be between 1 and {k_out} (the codebooks {where} has), got {k}")
-    entries = [e for e in manifest.shard_entries(output_url, current, storage_options) if e["status"] != "pending"]
+    entries = manifest.shard_entries(output_url, current, storage_options, statuses=index.WRITTEN,
+                                     columns=["file", "sha256", "rows", "hours"])
     if not entries:
         raise ExportError(f"{where}: no shard is done; there is nothing to export")
     files, _ = data_files(output_url, storage_options)
@@ -163,8 +165,8 @@ def export(output_url: str, dest: str | Path, *, num_codebooks_out: int | None =
     meta = {
         "format": FORMAT, "num_codebooks": k, "source_num_codebooks": k_out, "frame_rate": 12.5, "dtype": "uint16",
         "codebook_size": 2048, "clips": row, "frames": frames, "tokens": frames * k,
-        "hours": current["totals"]["hours"] if row_filter is None else seconds / 3600, "source_clips": n_clips,
-        "where": where_text, "model": current["model"], "source": where,
+        "hours": sum(e["hours"] for e in entries) if row_filter is None else seconds / 3600,
+        "source_clips": n_clips, "where": where_text, "model": current["model"], "source": where,
         "manifest_sha256": hashlib.sha256(json.dumps(current, sort_keys=True).encode()).hexdigest(),
         "data_digest": digest, "source_status": current["status"], "order": "data files by name, rows in file order",
     }

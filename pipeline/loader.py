@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipeline import manifest, storage
+from pipeline.index import WRITTEN
 from pipeline.reading import data_files, flatten, num_codebooks, open_parquet
 from pipeline.rowfilter import RowFilter, WhereError, group_mask, parse_where
 
@@ -86,17 +88,38 @@ class Unit:
 
 
 class ParquetSource:
-    """An output folder, or a folder (or Hub dataset) with ``data/*.parquet``: one unit per file; with a
-    ``row_filter``, a file's clips are those it selects."""
+    """An output folder, or a folder (or Hub dataset) with ``data/*.parquet``: one unit per file, by file name; with a
+    ``row_filter``, a file's clips are those it selects. An output with an index is opened from its manifest alone;
+    each worker then reads the index's file names and keeps only its own units' (:meth:`units_at`)."""
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None, row_filter: RowFilter | None = None):
-        self.storage_options, self.row_filter = storage_options, row_filter
-        files, current = data_files(url, storage_options)
-        self.units = [Unit(f) for f in files]
-        first = open_parquet(files[0], storage_options) if files and (row_filter or not current) else None
+        self.url, self.storage_options, self.row_filter = url, storage_options, row_filter
+        try:
+            current = manifest.read_manifest(url, storage_options)
+        except FileNotFoundError:
+            current = None
+        if current is not None and "index" in current:
+            self.current, self.files, self.count = current, None, current["index"]["files"]
+        else:
+            self.current, (self.files, _) = None, data_files(url, storage_options)
+            self.count = len(self.files)
+        first = (open_parquet(self.units_at(np.zeros(1, np.int64))[0].key, storage_options)
+                 if self.count and (row_filter is not None or current is None) else None)
         if row_filter is not None and first is not None:
             row_filter.check(first.schema_arrow, url)
         self.num_codebooks = current["num_codebooks"] if current else num_codebooks(first)
+
+    def units_at(self, positions: np.ndarray) -> list[Unit]:
+        """The units at ``positions`` (of all the source's units, in file-name order)."""
+        files = self.files
+        if files is None:
+            names = manifest.shard_table(self.url, self.current, self.storage_options, statuses=WRITTEN,
+                                         columns=["file"]).column("file")
+            if len(names) != self.count:
+                raise RuntimeError(f"{manifest.redact(self.url)} was rewritten by a run while it was being read "
+                                   f"({len(names)} data files, {self.count} when opened); open the dataset again")
+            return [Unit(storage.join(self.url, names[int(i)].as_py())) for i in positions]
+        return [Unit(files[int(i)]) for i in positions]
 
     def lengths(self, unit: Unit) -> np.ndarray:
         parquet = open_parquet(unit.key, self.storage_options)
@@ -133,6 +156,10 @@ class ExportSource:
         self.codes = np.memmap(folder / "codes.u16", np.uint16, "r").reshape(-1, self.num_codebooks)
         n = len(self.offsets) - 1
         self.units = [Unit("export", a, min(a + EXPORT_UNIT_CLIPS, n)) for a in range(0, n, EXPORT_UNIT_CLIPS)]
+        self.count = len(self.units)
+
+    def units_at(self, positions: np.ndarray) -> list[Unit]:
+        return [self.units[int(i)] for i in positions]
 
     def lengths(self, unit: Unit) -> np.ndarray:
         return np.diff(self.offsets[unit.start:unit.stop + 1])
@@ -200,11 +227,11 @@ class MimiCodes(IterableDataset):
 
     def units(self) -> list[Unit]:
         """This worker's units, in this epoch's order."""
-        units = list(self.source.units)
-        if self.shuffle:
-            np.random.default_rng([self.seed, self.epoch]).shuffle(units)
+        order = np.arange(self.source.count)
+        if self.shuffle:  # the same permutation as shuffling the list of units
+            np.random.default_rng([self.seed, self.epoch]).shuffle(order)
         index, count = self.worker()
-        return units[index::count]
+        return self.source.units_at(order[index::count])
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         index, _ = self.worker()

@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from mimi.checkpoint import sha256_file
-from pipeline import manifest, packing, state, storage
+from pipeline import index, manifest, packing, state, storage
 from pipeline.writer import CODEBOOK_SIZE, CORE_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -96,15 +96,15 @@ class PublishResult:
 
 def check_publishable(output_url: str, current: dict[str, Any], done: dict[str, dict[str, Any]], *, force: bool,
                       storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The done records to publish, in the run's shard order; raise :class:`PublishError` when the output must
-    not be published (see the module docstring)."""
+    """The done records to publish, by file name (the index's order); raise :class:`PublishError` when the output
+    must not be published (see the module docstring)."""
     where = manifest.redact(output_url)
     lock = state.live_lock(output_url, storage_options)
     if lock is not None:
         raise PublishError(f"{where} is being written by run {lock.get('run_id')!r} on host {lock.get('host')} "
                            f"(heartbeat {time.time() - lock['heartbeat']:.0f} s ago); publish it once the run ends")
-    entries = manifest.shard_entries(output_url, current, storage_options)  # the listing's shards, then the files retained for inputs that are gone
-    listed_done = [e for e in entries if e["status"] != "pending"]
+    listed_done = manifest.shard_entries(output_url, current, storage_options, statuses=index.WRITTEN,
+                                         columns=["shard_id", "sha256"])  # by file name
     broken = [e["shard_id"] for e in listed_done if e["shard_id"] not in done]
     if broken:
         raise PublishError(f"{where}: the manifest lists {len(broken)} shard(s) as done whose done record or Parquet "
@@ -122,7 +122,9 @@ def check_publishable(output_url: str, current: dict[str, Any], done: dict[str, 
                    "finish it with `mimi-tokenize run` first")
         if not force:
             raise PublishError(message + ", or pass --force to publish only the shards that are done")
-        log.warning("%s; publishing the %d done shard(s) anyway (--force)", message, len(records))
+        lag = manifest.index_lag(current)
+        log.warning("%s; publishing the %d done shard(s) anyway (--force)%s", message, len(records),
+                    f": {lag}" if lag else "")
     if not records:
         raise PublishError(f"{where}: no shard is done; there is nothing to publish")
     share = manifest.failure_share(current)
@@ -219,9 +221,8 @@ def _fmt_failures(failed_by_class: dict[str, int]) -> str:
 
 
 def shard_counts(current: dict[str, Any]) -> tuple[int, int]:
-    """(done, all) shards of the listing, from the manifest's entries (retained files are not shards of it)."""
-    listing = [e for e in current["shards"] if e["status"] in ("done", "partial", "pending")]
-    return sum(e["status"] == "done" for e in listing), len(listing)
+    """(done, all) shards of the listing, from the manifest's totals (retained files are not shards of it)."""
+    return current["totals"]["shards_done"], current["totals"]["shards"]
 
 
 def card_totals(current: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import manifest, retry, storage
+from pipeline import index, manifest, retry, storage
 from pipeline.rowfilter import RowFilter, group_mask
 
 
@@ -45,9 +45,8 @@ def data_files(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     except FileNotFoundError:
         current = None
     if current is not None:
-        files = sorted(e["file"] for e in manifest.shard_entries(url, current, storage_options)
-                       if e["status"] != "pending")
-        return [storage.join(url, f) for f in files], current
+        files = manifest.shard_table(url, current, storage_options, statuses=index.WRITTEN, columns=["file"])
+        return [storage.join(url, f) for f in files.column("file").to_pylist()], current
     fs, path = storage.get_fs(storage.join(url, manifest.DATA_DIR), storage_options)
     try:  # data/*.parquet, or data/*/*.parquet as publish lays them out
         names = [posixpath.relpath(p, path) for p in retry.call(fs.find, path, what=f"list {url}")

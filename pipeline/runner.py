@@ -28,13 +28,14 @@ import pyarrow as pa
 import ray
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline import manifest, retry, signals, state, storage
+from pipeline import index, manifest, retry, signals, state, storage
 from pipeline import schema as output_schema
 from pipeline.commit import Output
 from pipeline.config import RunConfig
 from pipeline.encoder import DecodeSettings, EncoderSettings, ShardEncoder
 from pipeline.model_files import ModelFiles, RunError, load_model_files
 from pipeline.plan import Plan, make_plan
+from pipeline.progress import Progress, manifest_writer
 from pipeline.scheduler import EncoderPool, Job, Scheduler
 from pipeline.sources import discover_shards
 from pipeline.sources.parquet import metadata_schema as parquet_metadata_schema
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 ENCODER_MEMORY = 3 * 2**30  # host memory an encoder actor declares (model, batch activations, its shards' codes)
 MAINTENANCE_MEMORY = 2**30  # a retire / conform task holds one shard file's table (codes and metadata)
 MIN_FREE_BYTES = 100 * 2**20  # a run does not start on a local output disk with less free space
+MANIFEST_WRITE_WINDOW_S = 30.0  # a progress write of the manifest retries this long at most, then again later
 # settings that change which clips a shard holds, or their codes
 SETTINGS_FIXED_ON_RESUME = ("input", "files_per_shard", "max_shard_bytes", "channel_policy", "dtype")
 
@@ -124,6 +126,7 @@ def _clear_rowless_output(cfg: RunConfig) -> bool:
         storage.remove(manifest.record_url(cfg.output, shard_id), options)
     for path in (output_schema.SCHEMA_PATH, manifest.MANIFEST_PATH):
         storage.remove(join(cfg.output, path), options)
+    index.remove_others(cfg.output, "", options)
     return True
 
 
@@ -264,10 +267,10 @@ class _Every:
 
 
 def _encode(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, schema: pa.Schema | None,
-            done: dict[str, dict], periodic: Callable[[], None]
+            on_done: Callable[[dict[str, Any]], None], periodic: Callable[[], None]
             ) -> tuple[dict[str, str], retry.OutputUnwritable | None]:
-    """Encode the plan's pending shards on the encoder pool; return the shards given up on, and the error that
-    stopped the run when the output could not be written."""
+    """Encode the plan's pending shards on the encoder pool, handing each record committed to ``on_done``; return
+    the shards given up on, and the error that stopped the run when the output could not be written."""
     resources = ray.cluster_resources()
     use_gpus = cfg.device != "cpu" and resources.get("GPU", 0) > 0
     if cfg.device == "cuda" and not resources.get("GPU", 0):
@@ -288,9 +291,6 @@ def _encode(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output,
 
     def submit(encoder, job: Job):
         return encoder.handle.process.remote(job.shard, attempt=job.attempt, kept=job.kept, schema=schema_json)
-
-    def on_done(record: dict[str, Any]) -> None:
-        done[record["shard"]["shard_id"]] = record
 
     log.info("%d shard(s) to encode on %d encoder(s) (%s), %d decode task(s) each", len(plan.pending), expected,
              "GPU" if use_gpus else "CPU", slots)
@@ -378,17 +378,15 @@ def _work(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, s
           run_record: dict[str, Any], lock: RunLock, session_start: float) -> dict[str, Any]:
     """Retire, encode and unify on Ray; return the final manifest (written)."""
     options = cfg.output_options()
-    done = {**plan.retained, **plan.done}
+    counters = Progress(_build_manifest(cfg, run_record, plan, {**plan.retained, **plan.done}, session_start),
+                        session_start)  # the entries go to the session's first index; then totals only
+    window_s = min(cfg.progress_interval_s, MANIFEST_WRITE_WINDOW_S)
+    writer = manifest_writer(cfg.output, counters, output.writing, options, window_s)
 
     def report() -> None:
-        current = manifest.build_manifest(cfg.output, run_record, plan.shards, done, started=session_start,
-                                          changes=plan.changes)
+        current = counters.snapshot()
         log.info(_progress_line(current))
-        try:
-            with output.writing():
-                manifest.write_manifest(cfg.output, current, options)
-        except OSError as exc:
-            log.warning("could not update the manifest (%s); will retry", retry.brief(exc))
+        writer.submit(current)
 
     progress = _Every(cfg.progress_interval_s, report)
 
@@ -396,20 +394,19 @@ def _work(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, s
         lock.check()
         progress()
 
-    report()  # `status` sees the listing and the plan from the start
+    report()  # `status` sees the listing and the plan from the start (the session's index)
     unwritable: retry.OutputUnwritable | None = None  # the run stops; what is committed is kept
-    with _ray_session(cfg):
+    with writer, _ray_session(cfg):  # the writer stops before the final manifest: no progress write lands after it
         _, errors = _run_steps(output, "retiring files the listing no longer matches",
                                [(r.shard_id, "retire", (r,)) for r in plan.retire], periodic)
         if errors:  # encoding now could write a clip that a stale file still holds: stop here
             log.error("%d stale file(s) could not be retired; nothing is encoded this run", len(errors))
         elif plan.pending:
-            errors, unwritable = _encode(cfg, plan, model_files, output, schema, done, periodic)
+            errors, unwritable = _encode(cfg, plan, model_files, output, schema, counters.add, periodic)
         records = manifest.load_done(cfg.output, options, check_order=True)  # what storage holds now: the truth
         if unwritable is None:
             errors.update(_unify_schema(cfg, output, records, periodic))
-    final = manifest.build_manifest(cfg.output, run_record, plan.shards, records, started=session_start,
-                                    finished=time.time(), changes=plan.changes)
+    final = _build_manifest(cfg, run_record, plan, records, session_start, finished=time.time())
     if errors:
         final["shard_errors"] = errors
     try:
@@ -421,6 +418,12 @@ def _work(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, s
     if unwritable is not None:
         raise unwritable
     return final
+
+
+def _build_manifest(cfg: RunConfig, run_record: dict[str, Any], plan: Plan, done: dict[str, dict[str, Any]],
+                    started: float, finished: float | None = None) -> dict[str, Any]:
+    return manifest.build_manifest(cfg.output, run_record, plan.shards, done, started=started, finished=finished,
+                                   changes=plan.changes, change=plan.change, removed=plan.removed)
 
 
 def _log_plan(cfg: RunConfig, plan: Plan) -> None:

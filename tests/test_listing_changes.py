@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,8 @@ def test_audio_folder_grows_and_shrinks(tmp_path, tiny_model_path, capsys):
     clips = final["listing"]["clips"]
     assert (clips["new"], clips["gone"], clips["kept"], clips["pruned"]) == (3, 1, 1, 0)
     assert final["totals"]["clips"] == 123 and final["totals"]["kept_clips"] == 1
+    by_change = Counter(e["change"] for e in manifest.shard_entries(str(out), final, columns=["change"]))
+    assert by_change == {k: v for k, v in final["listing"]["shards"].items() if v}  # each shard's, in the index
     assert main(["status", str(out)]) == 0
     assert "listing: 3 new clip(s), 1 gone (kept 1)" in capsys.readouterr().out
 

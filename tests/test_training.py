@@ -252,6 +252,17 @@ def test_ranks_and_workers_cover_every_frame_once(output):
     np.testing.assert_array_equal(sorted_rows(got), sorted_rows(stream))
 
 
+def test_a_loader_over_the_index_equals_one_over_the_files(output, hub_layout):
+    pointer = json.loads((output / "manifest.json").read_text())["index"]
+    assert pointer["files"] == len(list((output / "data").glob("*.parquet"))) > 3
+    for rank in range(3):  # same rows, same order, per rank
+        kwargs = {"seq_len": 31, "seed": 7, "shuffle_window": 5, "rank": rank, "world_size": 3}
+        over_index, over_files = MimiCodes(str(output), **kwargs), MimiCodes(str(hub_layout), **kwargs)
+        assert over_index.source.files is None  # opened from the manifest alone: each rank reads its own units
+        assert len(over_index.units()) == len(over_files.units()) == len(range(rank, pointer["files"], 3))
+        np.testing.assert_array_equal(frames_of(list(over_index)), frames_of(list(over_files)))
+
+
 def test_shuffling_is_deterministic_and_per_epoch(output):
     def order(epoch: int, seed: int = 1) -> np.ndarray:
         dataset = MimiCodes(str(output), seq_len=40, seed=seed, shuffle_window=8)
