@@ -214,7 +214,7 @@ def test_staged_dataset_loads_as_the_card_says(output, tmp_path, hub, capsys):
     # what datasets infers from the bare Parquet files is exactly what the card declares
     bare = load_dataset("parquet", data_files=str(staging / ONE_FILE), split="train")
     assert Features._from_yaml_list(info["features"]) == bare.features
-    assert abs(info["dataset_size"] - bare.info.dataset_size) <= 0.01 * bare.info.dataset_size  # validity bitmaps
+    assert abs(info["dataset_size"] - bare.info.dataset_size) <= 0.01 * bare.info.dataset_size + 64  # validity bitmaps
 
     # the staged folder loads by itself (card + data/), with those features, and the source's codes as int16 [T, K]
     ds = load_dataset(str(staging), split="train")
