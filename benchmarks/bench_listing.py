@@ -34,8 +34,9 @@ if what == "list_input":
 else:
     shards = discover_shards(root, files_per_shard=256)
     n = sum(len(s.members) for s in shards)
+usage = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"seconds": time.perf_counter() - start, "files": n, "shards": shards and len(shards),
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024}))
 """
 
 
@@ -69,10 +70,11 @@ def main() -> None:
         start = time.perf_counter()
         fabricate(root, args.files)
         print(f"# {args.files:,} files in {root} ({time.perf_counter() - start:.0f} s to fabricate); code: {args.repo}")
-        print("| measure | files | shards | wall s | peak RSS MB |\n|---|---|---|---|---|")
+        print("| measure | files | shards | wall s | CPU s (process) | peak RSS MB |\n|---|---|---|---|---|---|")
         for what in ("list_input", "discover_shards"):
             r = measure(args.repo, what, root)
-            print(f"| {what} | {r['files']:,} | {r['shards'] or '-'} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+            print(f"| {what} | {r['files']:,} | {r['shards'] or '-'} | {r['seconds']:.1f} | {r['cpu_s']:.1f} | "
+                  f"{r['peak_rss_mb']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -61,30 +61,29 @@ def list_input(input_url: str, storage_options: dict | None = None) -> Listing:
     fs, path = get_fs(input_url, storage_options)
     fs.invalidate_cache()  # a listing cached by an earlier run in this process would hide what changed since
     try:
-        root, found, others = _list(fs, path, input_url)
+        root, found, counts = _list(fs, path, input_url)
     finally:
         fs.invalidate_cache()  # what the existence checks and globs cached: a run lists the input once
-    kind = _detect_kind(input_url, found, others)
+    kind = _detect_kind(input_url, counts)  # one kind, or an error: every file found is of that kind
     root = root.rstrip("/") or "/"
-    return Listing(fs, root, fs.unstrip_protocol(root),
-                   {p: v for p, (v, k) in sorted(found.items()) if k == kind}, kind)
+    return Listing(fs, root, fs.unstrip_protocol(root), dict(sorted(found.items())), kind)
 
 
 def _list(fs: fsspec.AbstractFileSystem, path: str, input_url: str
-          ) -> tuple[str, dict[str, tuple[tuple[int, str], str]], int]:
-    """The root folder, ``{path: ((size, version), kind)}`` of the input files found, and how many other files."""
+          ) -> tuple[str, dict[str, tuple[int, str]], dict[str | None, int]]:
+    """The root folder, ``{path: (size, version)}`` of the input files found, and the count of files of each kind
+    (None: not an input)."""
     what = f"list {input_url}"
-    found: dict[str, tuple[tuple[int, str], str]] = {}
-    others = 0
+    found: dict[str, tuple[int, str]] = {}
+    counts: dict[str | None, int] = {}
 
     def add(entries: Iterable[tuple[str, int, str]]) -> None:
-        nonlocal others
         for name, size, version in entries:
             kind = kind_of(name)
-            if kind is None:
-                others += 1
-            else:
-                found[name] = ((size, version), kind)
+            if name not in found:
+                counts[kind] = counts.get(kind, 0) + 1
+            if kind is not None:
+                found[name] = (size, version)
 
     if fsspec.core.has_magic(path):
         root = _glob_root(path)
@@ -103,7 +102,7 @@ def _list(fs: fsspec.AbstractFileSystem, path: str, input_url: str
         add([(path, int(info.get("size") or 0), version_of(info))])
     else:
         raise FileNotFoundError(f"input not found: {input_url}")
-    return root, found, others
+    return root, found, counts
 
 
 def walk(fs: fsspec.AbstractFileSystem, folder: str, what: str) -> Iterator[tuple[str, int, str]]:
@@ -187,10 +186,9 @@ def _glob_root(pattern: str) -> str:
     return "/".join(parts[:first_magic])
 
 
-def _detect_kind(input_url: str, found: dict[str, tuple[tuple[int, str], str]], others: int) -> str:
-    counts: dict[str, int] = {}
-    for _, kind in found.values():
-        counts[kind] = counts.get(kind, 0) + 1
+def _detect_kind(input_url: str, by_kind: dict[str | None, int]) -> str:
+    others = by_kind.get(None, 0)
+    counts = {kind: n for kind, n in by_kind.items() if kind is not None}
     if not counts:
         raise ValueError(
             f"no audio, .tar, .parquet, .jsonl or .csv files found at {input_url} ({others} files of other types)"
