@@ -29,11 +29,11 @@ import ray
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import manifest, retry, state, storage
-from pipeline.footers import parquet_footers
 from pipeline import schema as output_schema
 from pipeline.commit import Output
 from pipeline.config import RunConfig
 from pipeline.encoder import DecodeSettings, EncoderSettings, ShardEncoder
+from pipeline.footers import parquet_footers
 from pipeline.model_files import ModelFiles, RunError, load_model_files
 from pipeline.plan import Plan, make_plan
 from pipeline.scheduler import EncoderPool, Job, Scheduler
