@@ -20,7 +20,7 @@ from pipeline.config import RunConfig
 from pipeline.footers import parquet_footers
 from pipeline.plan import Plan
 from pipeline.runner import check_settings, checked_config, list_shards, plan_run
-from pipeline.types import Shard
+from pipeline.types import Member, Shard
 
 DURATION_COLUMNS = ("duration_s", "duration")  # manifest columns read as a clip's seconds
 
@@ -93,14 +93,16 @@ def _to_encode(cfg: RunConfig, pending: list[Shard]) -> dict[str, Any]:
     return {"files": len(pending), "bytes": sum(s.size for s in pending), "clips": clips, "hours": None}
 
 
-def _hours(members: list) -> float | None:
+def _hours(members: list[Member]) -> float | None:
+    """The hours of the manifest rows ``members`` by their duration column, None unless every row gives one (a
+    number, or a CSV's text of one)."""
     seconds = 0.0
     for m in members:
         row = json.loads(m.row) if m.row else {}
-        value = next((row[c] for c in DURATION_COLUMNS if isinstance(row.get(c), (int, float))), None)
-        if value is None:
+        try:
+            seconds += float(next(row[c] for c in DURATION_COLUMNS if row.get(c) not in (None, "")))
+        except (StopIteration, TypeError, ValueError):
             return None
-        seconds += value
     return seconds / 3600
 
 
