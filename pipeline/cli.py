@@ -60,6 +60,8 @@ _RUN_FLAGS = [
     arg("--part-seconds", type=float, help="decoded audio per part from a decode task to its encoder (default 300)"),
     arg("--decode-tasks-per-encoder", type=int, help="shards decoding at once per encoder (default: CPUs/encoders)"),
     arg("--storage-retry-s", type=float, help="retry storage operations through transient errors this long (300)"),
+    arg("--vad", action="store_true", default=None,
+        help="fill speech_share with Silero VAD (pip install 'mimi-tokenize[vad]'; default off: its CPU cost)"),
 ]
 
 
@@ -144,6 +146,8 @@ EXPECTED_ERRORS += (ExportError,)
          arg("output", help="output folder URL of a finished run"),
          arg("dest", metavar="DIR", help="local folder to write"),
          arg("--num-codebooks", type=int, help="keep the first K codebooks (default: all the output has)"),
+         arg("--where", metavar="EXPR", help="keep only the rows this filter over numeric columns selects, e.g. "
+             "\"silence_share < 0.5 and bandwidth_hz > 6000\" (comparisons, and/or/not, parentheses, is [not] null)"),
          arg("--force", action="store_true", help="export an incomplete output (the shards that are done), or into a "
              "non-empty DIR that holds something else (its export files are replaced)"),
          arg("--config", help="YAML config file whose storage_options reach the output"))
@@ -151,7 +155,7 @@ def export_command(args: argparse.Namespace) -> int:
     from pipeline.export import export
 
     meta = export(args.output, args.dest, num_codebooks_out=args.num_codebooks, force=args.force,
-                  storage_options=load_config(args.config).output_options())
+                  where_text=args.where, storage_options=load_config(args.config).output_options())
     print(f"{args.dest}: {meta['clips']:,} clips, {meta['frames']:,} frames x {meta['num_codebooks']} codebooks "
           f"({meta['hours']:.2f} h)")
     return 0

@@ -14,9 +14,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import manifest, retry, storage
+from pipeline.rowfilter import RowFilter, group_mask
 
 
 @dataclass
@@ -27,6 +29,7 @@ class CodesBatch:
     codes: np.ndarray
     offsets: np.ndarray
     ids: list[str]
+    duration_s: float  # the rows' audio, summed
 
     @property
     def rows(self) -> int:
@@ -70,9 +73,13 @@ def flatten(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]
     return flat.reshape(-1, k), offsets - offsets[0]
 
 
-def iter_codes(parquet: pq.ParquetFile) -> Iterator[CodesBatch]:
-    """The file's rows with their ids, one :class:`CodesBatch` per row group."""
+def iter_codes(parquet: pq.ParquetFile, row_filter: RowFilter | None = None) -> Iterator[CodesBatch]:
+    """The file's rows (those ``row_filter`` selects) with their ids, one :class:`CodesBatch` per row group."""
     for group in range(parquet.metadata.num_row_groups):
-        table = parquet.read_row_group(group, columns=["codes", "id"])
+        table = parquet.read_row_group(group, columns=["codes", "id", "duration_s"])
+        mask = group_mask(parquet, group, row_filter)
+        if mask is not None:
+            table = table.filter(mask)
         codes, offsets = flatten(table.column("codes"))
-        yield CodesBatch(codes, offsets, table.column("id").to_pylist())
+        seconds = pc.sum(table.column("duration_s")).as_py() or 0.0
+        yield CodesBatch(codes, offsets, table.column("id").to_pylist(), seconds)

@@ -28,7 +28,7 @@ import pyarrow as pa
 import ray
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline import manifest, retry, state, storage
+from pipeline import manifest, retry, signals, state, storage
 from pipeline import schema as output_schema
 from pipeline.commit import Output
 from pipeline.config import RunConfig
@@ -313,7 +313,7 @@ def _encode(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output,
     cpus = int(resources.get("CPU", 1))
     slots = cfg.decode_tasks_per_encoder or max(2, (cpus - expected) // expected)
     decode = DecodeSettings(cfg.channel_policy, cfg.part_seconds, cfg.max_clip_seconds, cfg.input_options(),
-                            retry.policy())
+                            retry.policy(), cfg.vad)
     settings = EncoderSettings(cfg.num_codebooks, cfg.batch_max_seconds, cfg.max_pad_ratio, cfg.chunk_frames,
                                cfg.device, cfg.dtype, max(1, cpus // expected), cfg.shard_retries, cfg.stall_timeout_s)
     model_ref = ray.put(model_files)
@@ -370,6 +370,11 @@ def run(cfg: RunConfig) -> int:
     """
     cfg = checked_config(cfg)
     _check_free_space(cfg.output, cfg.output_options())
+    if cfg.vad:
+        try:
+            signals.vad_model()
+        except RuntimeError as exc:
+            raise RunError(str(exc)) from exc
     session_start = time.time()
     model_files = load_model_files(cfg.model, cfg.revision, cfg.num_codebooks)
     if model_files.untrained:
