@@ -72,6 +72,20 @@ def run_command(args: argparse.Namespace) -> int:
     return run(load_config(args.config, {k: v for k, v in vars(args).items() if k in keys}))
 
 
+@command("plan", "show what `run` would do with the same flags, without doing it: shards new, changed, removed and "
+         "kept; files, bytes, clips and hours to encode; stale files to retire; what --prune would drop. Reads "
+         "storage only (no lock, nothing written)",
+         arg("--config", help="YAML config file (see configs/default.yaml); flags override it"), *_RUN_FLAGS,
+         arg("--json", action="store_true", help="print the plan as JSON"))
+def plan_command(args: argparse.Namespace) -> int:
+    from pipeline.preview import preview, summarize
+
+    keys = {f.name for f in dataclasses.fields(RunConfig)}
+    result = preview(load_config(args.config, {k: v for k, v in vars(args).items() if k in keys}))
+    print(json.dumps(result, indent=2) if args.json else summarize(result))
+    return 0
+
+
 @command("status", "show the progress of an output (live while a run writes it)",
          arg("output", help="output folder URL"),
          arg("--config", help="YAML config file whose storage_options reach the output"),

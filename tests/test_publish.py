@@ -72,9 +72,9 @@ MAPPING = "_publish/shards.parquet"
 
 
 def shard_rows(out: Path) -> list[dict]:
-    """Every row of the output's shard files, in the manifest's shard order."""
+    """Every row of the output's shard files, in the index's order (by file name)."""
     rows = []
-    for entry in manifest.read_manifest(str(out))["shards"]:
+    for entry in entries(out):
         rows += pq.read_table(out / entry["file"]).to_pylist()
     return rows
 
