@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import manifest, state, storage
-from pipeline.reading import data_files, iter_codes, num_codebooks, open_parquet
+from pipeline.reading import data_files, iter_codes, num_codebooks, open_parquet, row_filter
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,9 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def export(output_url: str, dest: str | Path, *, num_codebooks_out: int | None = None, force: bool = False,
-           storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Export ``output_url`` into the local folder ``dest``; return its ``meta.json`` content."""
+           dedup: bool = False, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Export ``output_url`` into the local folder ``dest``; return its ``meta.json`` content. With ``dedup``, only
+    the clips that ``mimi-tokenize dedup`` keeps (one per duplicate group; repeated segments are not cut out)."""
     where = manifest.redact(output_url)
     current = state.read_output(output_url, storage_options)
     if current["status"] != "complete":
@@ -100,9 +101,15 @@ def export(output_url: str, dest: str | Path, *, num_codebooks_out: int | None =
     if not entries:
         raise ExportError(f"{where}: no shard is done; there is nothing to export")
     digest = data_digest(entries)
+    removed_hours = 0.0
+    if dedup:
+        from pipeline.dedup import check_current
+
+        removed_hours = check_current(output_url, storage_options)["removed_hours"]
     dest = Path(dest)
     existing = _existing_export(dest, output_url, force)
-    if existing is not None and existing.get("data_digest") == digest and existing.get("num_codebooks") == k:
+    if existing is not None and existing.get("data_digest") == digest and existing.get("num_codebooks") == k \
+            and existing.get("dedup", False) == dedup:
         log.info("%s already holds this export; nothing to do", dest)
         return existing
     if existing is not None and not force:
@@ -112,7 +119,10 @@ def export(output_url: str, dest: str | Path, *, num_codebooks_out: int | None =
     dest.mkdir(parents=True, exist_ok=True)
 
     files, _ = data_files(output_url, storage_options)
-    n_clips = sum(e["rows"] for e in entries)
+    rows_of = {storage.join(output_url, e["file"]): e["rows"] for e in entries}
+    masks = {url: row_filter(output_url, url, rows_of.get(url, 0), dedup=dedup, storage_options=storage_options)
+             for url in files}
+    n_clips = sum(rows_of.get(url, 0) if mask is None else int(mask.sum()) for url, mask in masks.items())
     tmp = {name: dest / f".{name}.tmp" for name in FILES}
     started = time.time()
     offsets = np.lib.format.open_memmap(tmp["offsets.npy"], mode="w+", dtype=np.int64, shape=(n_clips + 1,))
@@ -123,7 +133,11 @@ def export(output_url: str, dest: str | Path, *, num_codebooks_out: int | None =
             parquet = open_parquet(url, storage_options)
             if num_codebooks(parquet) != k_out:
                 raise ExportError(f"{manifest.redact(url)} has {num_codebooks(parquet)} codebooks, not {k_out}")
+            first = 0
             for batch in iter_codes(parquet):
+                first += batch.rows
+                if masks[url] is not None:
+                    batch = batch.select(masks[url][first - batch.rows:first])
                 if row + batch.rows > n_clips:
                     raise ExportError(f"{where}: the data files hold more rows than the manifest records; rerun "
                                       "`mimi-tokenize run` on the output")
@@ -144,7 +158,8 @@ def export(output_url: str, dest: str | Path, *, num_codebooks_out: int | None =
     meta = {
         "format": FORMAT, "num_codebooks": k, "source_num_codebooks": k_out, "frame_rate": 12.5, "dtype": "uint16",
         "codebook_size": 2048, "clips": n_clips, "frames": frames, "tokens": frames * k,
-        "hours": current["totals"]["hours"], "model": current["model"], "source": where,
+        "hours": current["totals"]["hours"] - removed_hours, "model": current["model"], "source": where,
+        "dedup": dedup,
         "manifest_sha256": hashlib.sha256(json.dumps(current, sort_keys=True).encode()).hexdigest(),
         "data_digest": digest, "source_status": current["status"], "order": "data files by name, rows in file order",
     }

@@ -14,6 +14,8 @@ yields ``{"codes": int64 [K, seq_len], "doc_ids": int32 [seq_len]}``:
   holds the clip's frame ``t - delays[k]``, and ``pad_value`` where that is outside the clip. ``pad_value`` defaults
   to 2048, the codebook size, an id no code takes;
 * **K**: the first ``num_codebooks`` codebooks (default: all the source has);
+* **dedup**: with ``dedup=True`` (an output folder), only the clips ``mimi-tokenize dedup`` keeps, one per duplicate
+  group (repeated segments such as jingles stay in the clips that hold them);
 * **shuffling**, deterministic from ``seed`` and the epoch (:meth:`set_epoch`): the order of the source's units
   (files; chunks of 4,096 clips of an export), then a window of ``shuffle_window`` consecutive clips permuted at a
   time (a bounded buffer);
@@ -37,7 +39,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.reading import data_files, flatten, num_codebooks, open_parquet
+from pipeline.dedup import check_current
+from pipeline.reading import data_files, flatten, num_codebooks, open_parquet, row_filter
 
 PAD = 2048
 EXPORT_UNIT_CLIPS = 4096
@@ -82,27 +85,37 @@ class Unit:
 
 
 class ParquetSource:
-    """An output folder, or a folder (or Hub dataset) with ``data/*.parquet``: one unit per file."""
+    """An output folder, or a folder (or Hub dataset) with ``data/*.parquet``: one unit per file. With ``dedup``
+    (an output folder), only the clips ``mimi-tokenize dedup`` keeps."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None):
-        self.storage_options = storage_options
+    def __init__(self, url: str, storage_options: dict[str, Any] | None, dedup: bool = False):
+        self.url, self.storage_options, self.dedup = url, storage_options, dedup
         files, current = data_files(url, storage_options)
+        if dedup:
+            check_current(url, storage_options)
         self.units = [Unit(f) for f in files]
         self.num_codebooks = current["num_codebooks"] if current else num_codebooks(
             open_parquet(files[0], storage_options))
 
+    def _mask(self, unit: Unit, rows: int) -> np.ndarray:
+        mask = row_filter(self.url, unit.key, rows, dedup=self.dedup, storage_options=self.storage_options)
+        return np.ones(rows, bool) if mask is None else mask
+
     def lengths(self, unit: Unit) -> np.ndarray:
-        return open_parquet(unit.key, self.storage_options).read(columns=["n_frames"]).column(0).to_numpy()
+        lengths = open_parquet(unit.key, self.storage_options).read(columns=["n_frames"]).column(0).to_numpy()
+        return lengths[self._mask(unit, len(lengths))]
 
     def docs(self, unit: Unit, start: int = 0) -> Iterator[np.ndarray]:
-        """The unit's clips from row ``start`` on, ``[T, K_source]`` int16 each."""
+        """The unit's clips (those kept) from the ``start``-th on, ``[T, K_source]`` int16 each."""
         parquet = open_parquet(unit.key, self.storage_options)
+        kept = np.flatnonzero(self._mask(unit, parquet.metadata.num_rows))[start:]
         first = 0
         for group in range(parquet.metadata.num_row_groups):
             rows = parquet.metadata.row_group(group).num_rows
-            if first + rows > start:
+            wanted = kept[(kept >= first) & (kept < first + rows)] - first
+            if len(wanted):
                 codes, offsets = flatten(parquet.read_row_group(group, columns=["codes"]).column(0))
-                for i in range(max(0, start - first), rows):
+                for i in wanted:
                     yield codes[offsets[i]:offsets[i + 1]]
             first += rows
 
@@ -126,10 +139,14 @@ class ExportSource:
             yield self.codes[self.offsets[i]:self.offsets[i + 1]]
 
 
-def open_source(source: str, storage_options: dict[str, Any] | None = None) -> ParquetSource | ExportSource:
+def open_source(source: str, storage_options: dict[str, Any] | None = None, dedup: bool = False
+                ) -> ParquetSource | ExportSource:
     if "://" not in source and (Path(source) / "meta.json").is_file() and (Path(source) / "codes.u16").is_file():
+        if dedup:
+            raise ValueError(f"{source} is an export: deduplicate with `mimi-tokenize export --dedup`, then load it "
+                             "without dedup")
         return ExportSource(Path(source))
-    return ParquetSource(source, storage_options)
+    return ParquetSource(source, storage_options, dedup)
 
 
 # --- the dataset ---------------------------------------------------------------------------------------------------
@@ -141,10 +158,10 @@ class MimiCodes(IterableDataset):
     def __init__(self, source: str, *, seq_len: int, num_codebooks: int | None = None,
                  delays: str | Sequence[int] | None = None, pad_value: int = PAD, shuffle: bool = True,
                  seed: int = 0, shuffle_window: int = 1024, drop_last: bool = False, rank: int | None = None,
-                 world_size: int | None = None, storage_options: dict[str, Any] | None = None):
+                 world_size: int | None = None, storage_options: dict[str, Any] | None = None, dedup: bool = False):
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        self.source = open_source(str(source), storage_options)
+        self.source = open_source(str(source), storage_options, dedup)
         k = num_codebooks or self.source.num_codebooks
         if not 1 <= k <= self.source.num_codebooks:
             raise ValueError(f"the source has {self.source.num_codebooks} codebooks; cannot load {k}")

@@ -32,6 +32,16 @@ class CodesBatch:
     def rows(self) -> int:
         return len(self.offsets) - 1
 
+    def select(self, mask: np.ndarray) -> CodesBatch:
+        """The rows where ``mask`` (bool per row) is true."""
+        if mask.all():
+            return self
+        rows = np.flatnonzero(mask)
+        lengths = np.diff(self.offsets)[rows]
+        frames = np.concatenate([np.arange(self.offsets[r], self.offsets[r + 1]) for r in rows]) if len(rows) else \
+            np.zeros(0, np.int64)
+        return CodesBatch(self.codes[frames], np.r_[0, np.cumsum(lengths)], [self.ids[r] for r in rows])
+
 
 def data_files(url: str, storage_options: dict[str, Any] | None = None) -> tuple[list[str], dict[str, Any] | None]:
     """The URLs of the Parquet files of the output (or dataset folder) ``url``, sorted by name, and its manifest
@@ -49,6 +59,18 @@ def data_files(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     if not names:
         raise FileNotFoundError(f"{manifest.redact(url)} has no manifest.json and no data/*.parquet")
     return [storage.join(url, manifest.DATA_DIR, n) for n in sorted(names)], None
+
+
+def row_filter(output_url: str, file_url: str, rows: int, *, dedup: bool = False,
+               storage_options: dict[str, Any] | None = None) -> np.ndarray | None:
+    """The rows of the data file ``file_url`` that a reader keeps (bool per row, in file order), or None for all:
+    with ``dedup``, the clips ``mimi-tokenize dedup`` keeps (:func:`pipeline.dedup.kept_mask`). Every reader that
+    filters (export, the loader) asks here, so filters compose."""
+    if not dedup:
+        return None
+    from pipeline.dedup import kept_mask
+
+    return kept_mask(output_url, file_url, rows, storage_options)
 
 
 def open_parquet(url: str, storage_options: dict[str, Any] | None = None) -> pq.ParquetFile:

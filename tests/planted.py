@@ -37,7 +37,8 @@ def speak(rng: np.random.Generator, voice: str, seconds: float) -> np.ndarray:
 
 
 def quantize(audio: np.ndarray) -> np.ndarray:
-    return (np.round(np.clip(audio, -1, 32767 / 32768) * 32768) / 32768).astype(np.float32)
+    """The samples a 16-bit WAV holds, as a decoder gives them (no -0.0)."""
+    return (np.round(np.clip(audio, -1, 32767 / 32768) * 32768) / 32768 + 0.0).astype(np.float32)
 
 
 def lossy(audio: np.ndarray, codec: str, bit_rate: int, rate: int) -> np.ndarray:
@@ -59,10 +60,11 @@ def lossy(audio: np.ndarray, codec: str, bit_rate: int, rate: int) -> np.ndarray
 
 
 def via_flac(audio: np.ndarray) -> np.ndarray:
+    """A FLAC of the 16-bit samples, decoded: the same samples (exact, as a WAV's)."""
     buf = io.BytesIO()
-    sf.write(buf, audio, RATE, format="FLAC", subtype="PCM_16")
+    sf.write(buf, np.round(audio * 32768).astype(np.int16), RATE, format="FLAC", subtype="PCM_16")
     buf.seek(0)
-    return sf.read(buf, dtype="float32")[0]
+    return (sf.read(buf, dtype="int16")[0] / 32768).astype(np.float32)
 
 
 @dataclass
