@@ -4,13 +4,15 @@ from the ``pcm_hash`` and ``fingerprint`` columns that the decode pass writes (n
 Work happens in stages over Parquet under ``_dedup/work/``, each file written atomically and skipped on a rerun, so
 an interrupted dedup resumes; memory is bounded by one partition, not by the output:
 
-1. **prints** (per chunk of :data:`CHUNK_FILES` data files): each clip's landmarks (hash, clip, frame) in one
-   file with a row group per hash partition, and the clip table (key, id, file, duration, bandwidth, pcm_hash,
-   fingerprint extent). Clip keys number the clips in file order.
-2. **votes** (per hash partition): the hash join (:func:`pipeline.matching.join_votes`) of the partition's landmarks
-   from every chunk, leaving out all but one clip of each set of exact duplicates; one row group per pair partition.
-3. **pairs** (per pair partition): the votes of the partition's clip pairs from every hash partition, scored
-   (:func:`pipeline.matching.score_pairs`).
+1. **prints** (per chunk of :data:`CHUNK_FILES` data files): each clip's triplet landmarks (hash, clip, frame) in
+   one file with a row group per hash partition, and the clip table (key, id, file, duration, bandwidth, pcm_hash,
+   fingerprint and its extent). Clip keys number the clips in file order.
+2. **votes** (per hash partition): the hash join (:func:`pipeline.matching.join_votes`) of the partition's triplet
+   landmarks from every chunk, leaving out all but one clip of each set of exact duplicates; one row group per pair
+   partition.
+3. **pairs** (per pair partition): the votes of the partition's clip pairs from every hash partition; pairs with
+   :data:`pipeline.matching.CANDIDATE_MATCHES` at one offset are verified on both clips' pair hashes
+   (:func:`pipeline.matching.verify`).
 4. **final**: relations, groups and repeated segments (:mod:`pipeline.matching`) from the scored pairs, written as
 
 ::
@@ -50,8 +52,10 @@ FORMAT = "mimi-tokenize-dedup/1"
 CHUNK_FILES = 64
 PARTITIONS = 16
 COLUMNS = ("id", "duration_s", "pcm_hash", "fingerprint")
+PAIR_COLUMNS = ("a", "b", "offset", "matches", "a_start", "a_end", "b_start", "b_end")
 CLIP_SCHEMA = (("key", pa.int64()), ("id", pa.string()), ("file", pa.string()), ("duration_s", pa.float64()),
-               ("bandwidth_hz", pa.float64()), ("pcm_hash", pa.binary()), ("first", pa.int64()), ("last", pa.int64()))
+               ("bandwidth_hz", pa.float64()), ("pcm_hash", pa.binary()), ("first", pa.int64()), ("last", pa.int64()),
+               ("fingerprint", pa.binary()))
 
 
 class DedupError(RuntimeError):
@@ -62,7 +66,8 @@ def params(partitions: int) -> dict[str, Any]:
     """What the work depends on besides the data: a change redoes it."""
     return {"format": FORMAT, "partitions": partitions, "chunk_files": CHUNK_FILES,
             "fingerprint": {k: getattr(fingerprint, k) for k in ("VERSION", "N_FFT", "HOP", "FAN_OUT", "MAX_DT")},
-            "matching": {k: getattr(matching, k) for k in ("STOP_OCCURRENCES", "PIVOTS", "MIN_MATCHES", "MIN_DENSITY",
+            "matching": {k: getattr(matching, k) for k in ("STOP_OCCURRENCES", "PIVOTS", "CANDIDATE_MATCHES",
+                                                           "MIN_MATCHES", "MIN_DENSITY",
                                                            "COVER", "SEGMENT_S", "SEGMENT_MIN_CLIPS", "RUN_GAP")}}
 
 
@@ -134,7 +139,8 @@ def _prints(output_url: str, chunk: list[dict[str, Any]], first_key: int, partit
                 "duration_s": table.column("duration_s"), "bandwidth_hz": bandwidth.cast(pa.float64()),
                 "pcm_hash": table.column("pcm_hash").cast(pa.binary()),
                 "first": np.array([cp.first for cp in prints], np.int64),
-                "last": np.array([cp.last for cp in prints], np.int64)}))
+                "last": np.array([cp.last for cp in prints], np.int64),
+                "fingerprint": table.column("fingerprint").cast(pa.binary())}))
     lm = matching.Landmarks.concat(lms)
     if not clips:
         clips.append(pa.table({name: pa.array([], type) for name, type in CLIP_SCHEMA}))
@@ -170,14 +176,21 @@ def _votes(work: str, chunks: int, p: int, partitions: int, skip: np.ndarray,
     return pa.table({name: getattr(votes, name)[order] for name in ("a", "b", "offset", "t", "end")}), part[order]
 
 
-def _pairs(work: str, q: int, partitions: int, storage_options: dict[str, Any] | None) -> pa.Table:
-    """Stage 3 for pair partition ``q``: the scored pairs."""
+def _pairs(work: str, chunks: int, q: int, partitions: int, storage_options: dict[str, Any] | None) -> pa.Table:
+    """Stage 3 for pair partition ``q``: the candidate pairs (triplet votes), verified on their pair hashes."""
     table = pa.concat_tables([_read_group(storage.join(work, "votes", f"{p:03d}.parquet"), q, storage_options)
                               for p in range(partitions)])
-    pairs = matching.score_pairs(matching.Votes(*(table.column(n).to_numpy() for n in ("a", "b", "offset", "t",
-                                                                                         "end"))))
-    return pa.table({name: getattr(pairs, name) for name in ("a", "b", "offset", "matches", "a_start", "a_end",
-                                                              "b_start", "b_end")})
+    votes = matching.Votes(*(table.column(n).to_numpy() for n in ("a", "b", "offset", "t", "end")))
+    candidates = matching.score_pairs(votes, matching.CANDIDATE_MATCHES)
+    keys = pa.array(sorted({int(k) for k in np.concatenate([candidates.a, candidates.b])}), pa.int64())
+    prints = {}
+    for c in range(chunks):
+        clips = _read(storage.join(work, "clips", f"{c:05d}.parquet"), storage_options, columns=["key", "fingerprint"],
+                      filters=pc.field("key").isin(keys))
+        prints.update(zip(clips.column("key").to_pylist(),
+                          map(matching.clip_print, clips.column("fingerprint").to_pylist())))
+    pairs = matching.verify(candidates, prints)
+    return pa.table({name: pa.array(getattr(pairs, name), pa.int64()) for name in PAIR_COLUMNS})
 
 
 def _clip_info(work: str, chunks: int, keys: set[int], storage_options: dict[str, Any] | None
@@ -241,10 +254,10 @@ def dedup(output_url: str, *, partitions: int = PARTITIONS, storage_options: dic
     for q in range(partitions):
         url = storage.join(work, "pairs", f"{q:03d}.parquet")
         if not storage.exists(url, storage_options):
-            _write(url, _pairs(work, q, partitions, storage_options), storage_options)
+            _write(url, _pairs(work, len(chunks), q, partitions, storage_options), storage_options)
         pair_tables.append(_read(url, storage_options))
     table = pa.concat_tables(pair_tables)
-    pairs = matching.Pairs(*(table.column(n).to_numpy() for n in table.column_names))
+    pairs = matching.Pairs(*(table.column(n).to_numpy() for n in PAIR_COLUMNS))
     keys = {int(k) for k in np.concatenate([pairs.a, pairs.b])} | {k for keys in exact for k in keys}
     info = _clip_info(work, len(chunks), keys, storage_options)
     rels = matching.relations(pairs, info)

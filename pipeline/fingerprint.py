@@ -13,9 +13,10 @@ The bytes are the same however the clip is cut into blocks.
   maxima do not move with gain, resampling or a codec that keeps the band; at most :data:`PEAKS_PER_FRAME` per frame.
 * **Bytes**: ``version, varint count, varint frame deltas, one byte per peak bin`` (about 2 bytes per peak).
 
-:func:`landmarks` turns peaks into hashes: each anchor peak paired with the next :data:`FAN_OUT` peaks within
-:data:`MAX_DT` frames gives ``(anchor bin, target bin, frame distance)`` packed in an int, at the anchor's frame.
-Copies of the same audio share hashes at a constant frame offset; :mod:`pipeline.dedup` joins on them.
+:func:`triplets` and :func:`landmarks` turn peaks into hashes at the anchor peak's frame: an anchor with two of
+the next :data:`FAN_OUT` peaks within :data:`MAX_DT` frames (32 bits: what :mod:`pipeline.dedup` joins the whole
+output on), and an anchor with one of them (19 bits, about twice as many survive a codec or a shifted frame grid:
+what a candidate pair is verified with). Copies of the same audio share hashes at a constant frame offset.
 """
 
 from __future__ import annotations
@@ -197,4 +198,28 @@ def landmarks(times: np.ndarray, bins: np.ndarray) -> tuple[np.ndarray, np.ndarr
         hashes.append((((f1 << 7) | (f2 - f1 + 64)) << 6 | dt // DT_STEP)[ok])
         anchors.append(times[:-k][ok])
         targets.append(times[k:][ok])
+    return np.concatenate(hashes), np.concatenate(anchors), np.concatenate(targets)
+
+
+def triplets(times: np.ndarray, bins: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(hashes, anchor frames, last frames), int64, of peak triplets: each peak with two of the next :data:`FAN_OUT`
+    peaks, within :data:`MAX_DT` frames. 32 bits (anchor bin, two bin differences, two frame distances, halved as in
+    :func:`landmarks`): selective enough to join 10^7 clips on, where a pair's 19 bits would collide everywhere."""
+    q = bins // DT_STEP
+    hashes, anchors, targets = [], [], []
+    for k1 in range(1, FAN_OUT + 1):
+        for k2 in range(k1 + 1, FAN_OUT + 1):
+            n = len(times) - k2
+            if n <= 0:
+                continue
+            t0, t1, t2 = times[:n], times[k1:k1 + n], times[k2:k2 + n]
+            f0, f1, f2 = q[:n], q[k1:k1 + n], q[k2:k2 + n]
+            d1, d2 = t1 - t0, t2 - t0
+            ok = (d1 >= MIN_DT) & (d2 <= MAX_DT) & (t2 > t1) & (f0 != f1) & (f0 != f2)
+            h = (f0 << 26) | ((f1 - f0 + 64) << 19) | ((f2 - f0 + 64) << 12) | ((d1 // DT_STEP) << 6) | d2 // DT_STEP
+            hashes.append(h[ok])
+            anchors.append(t0[ok])
+            targets.append(t2[ok])
+    if not hashes:
+        return (np.zeros(0, np.int64),) * 3
     return np.concatenate(hashes), np.concatenate(anchors), np.concatenate(targets)

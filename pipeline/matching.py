@@ -2,13 +2,16 @@
 groups and repeated segments, in plain numpy over arrays (no audio, no storage; :mod:`pipeline.dedup` runs it on an
 output, partition by partition).
 
-1. :func:`join_votes`: a hash join of one hash partition. Occurrences of a hash in up to :data:`STOP_OCCURRENCES`
+1. :func:`join_votes`: a hash join of one hash partition, on triplet hashes
+   (:func:`pipeline.fingerprint.triplets`). Occurrences of a hash in up to :data:`STOP_OCCURRENCES`
    places pair all with all; a more frequent hash (a voice's steady harmonic, but also a jingle heard in thousands of
    episodes) pairs each occurrence with the hash's first :data:`PIVOTS` occurrences only (a star), so its cost grows
    linearly and a segment shared by many clips still links them all to one pivot clip. Each pair of occurrences in
    two clips is a vote ``(clip a, clip b, offset = t_a - t_b, t_a, end_a)``.
 2. :func:`score_pairs`: per clip pair, the offset with the most matches (±1 frame) and the span its densest run
-   of matches covers in both clips.
+   of matches covers in both clips; pairs with :data:`CANDIDATE_MATCHES` are candidates, which :func:`verify`
+   scores again on the two clips' pair hashes (denser and more robust than triplets, but too unselective to join a
+   whole output on).
 3. :func:`relations`: a pair is a match when its best run of matches (no gap over :data:`RUN_GAP` frames) holds
    at least :data:`MIN_MATCHES` distinct anchor frames, and :data:`MIN_DENSITY` per frame of its span. Near duplicates cover :data:`COVER` of both
    clips' extents (first to last peak), containment :data:`COVER` of the shorter one, a repeated segment is a
@@ -30,10 +33,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.fingerprint import FRAME_RATE, decode, landmarks
+from pipeline.fingerprint import FAN_OUT as FAN_PAIRS
+from pipeline.fingerprint import FRAME_RATE, decode, landmarks, triplets
 
 STOP_OCCURRENCES = 256
 PIVOTS = 8
+CANDIDATE_MATCHES = 2  # triplet matches at one offset that make two clips a candidate pair
+VERIFY_LANDMARKS = 2_000_000  # pair landmarks per verification batch
 MIN_MATCHES = 16
 RUN_GAP = 64  # frames (2 s): matches further apart are separate runs
 MIN_DENSITY = 0.08
@@ -61,28 +67,28 @@ class Landmarks:
 
 @dataclass(frozen=True)
 class ClipPrint:
-    """What matching needs of one clip's fingerprint: its landmarks and extent (first and last peak frame)."""
+    """A clip's fingerprint peaks (frames, bins) and extent (first and last peak frame)."""
 
-    hashes: np.ndarray
     times: np.ndarray
-    ends: np.ndarray
-    first: int
-    last: int
+    bins: np.ndarray
 
     @property
-    def count(self) -> int:
-        return len(self.hashes)
+    def first(self) -> int:
+        return int(self.times[0]) if len(self.times) else 0
+
+    @property
+    def last(self) -> int:
+        return int(self.times[-1]) if len(self.times) else 0
 
 
 def clip_print(fingerprint: bytes) -> ClipPrint:
-    times, bins = decode(fingerprint)
-    hashes, anchors, targets = landmarks(times, bins)
-    first, last = (int(times[0]), int(times[-1])) if len(times) else (0, 0)
-    return ClipPrint(hashes, anchors, targets, first, last)
+    return ClipPrint(*decode(fingerprint))
 
 
-def clip_landmarks(key: int, cp: ClipPrint) -> Landmarks:
-    return Landmarks(cp.hashes, np.full(cp.count, key, np.int64), cp.times, cp.ends)
+def clip_landmarks(key: int, cp: ClipPrint, kind: str = "triplets") -> Landmarks:
+    """The clip's triplet hashes (to join the output on) or pair hashes (to verify a candidate pair with)."""
+    hashes, anchors, ends = (triplets if kind == "triplets" else landmarks)(cp.times, cp.bins)
+    return Landmarks(hashes, np.full(len(hashes), key, np.int64), anchors, ends)
 
 
 def sort_order(*keys: np.ndarray) -> np.ndarray:
@@ -220,6 +226,35 @@ def score_pairs(votes: Votes, min_matches: int = MIN_MATCHES) -> Pairs:
     keep = matches >= min_matches
     return Pairs(*(getattr(pairs, name)[keep] for name in ("a", "b", "offset", "matches", "a_start", "a_end",
                                                             "b_start", "b_end")))
+
+
+def verify(candidates: Pairs, prints: dict[int, ClipPrint], min_matches: int = MIN_MATCHES) -> Pairs:
+    """Score each candidate pair again on its two clips' pair hashes (denser, more robust than triplets): the
+    landmarks of both clips are joined within the pair only, a batch of pairs at a time."""
+    out, batch, size = [], [], 0
+
+    def flush() -> None:
+        lms = []
+        for i, (a, b) in enumerate(batch):
+            for side, key in ((0, a), (1, b)):
+                lm = clip_landmarks(2 * i + side, prints[key], "pairs")
+                lms.append(Landmarks(lm.hashes | (i << 20), lm.keys, lm.times, lm.ends))
+        pairs = score_pairs(join_votes(Landmarks.concat(lms)), min_matches)
+        index = pairs.a // 2
+        pairs.a = np.array([batch[i][0] for i in index], np.int64)
+        pairs.b = np.array([batch[i][1] for i in index], np.int64)
+        out.append(pairs)
+        batch.clear()
+
+    for a, b in zip(candidates.a.tolist(), candidates.b.tolist()):
+        batch.append((a, b))
+        size += len(prints[a].times) + len(prints[b].times)
+        if size * FAN_PAIRS > VERIFY_LANDMARKS:
+            flush()
+            size = 0
+    if batch:
+        flush()
+    return Pairs.concat(out)
 
 
 # --- 3. relations --------------------------------------------------------------------------------------------------
@@ -416,5 +451,5 @@ def match_clips(prints: dict[int, ClipPrint], info: dict[int, ClipInfo]
     groups = [keys for keys in exact.values() if len(keys) > 1]
     skip = {key for keys in groups for key in keys[1:]}  # one clip of each exact group is matched for all
     lm = Landmarks.concat([clip_landmarks(key, cp) for key, cp in sorted(prints.items()) if key not in skip])
-    rels = relations(score_pairs(join_votes(lm)), info)
+    rels = relations(verify(score_pairs(join_votes(lm), CANDIDATE_MATCHES), prints), info)
     return group_clips(groups, rels, info), repeated_segments(rels, info), rels
