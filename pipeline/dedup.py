@@ -49,7 +49,7 @@ DEDUP_DIR = "_dedup"
 SUMMARY = f"{DEDUP_DIR}/summary.json"
 WORK = f"{DEDUP_DIR}/work"
 FORMAT = "mimi-tokenize-dedup/1"
-CHUNK_FILES = 64
+CHUNK_FILES = 16
 PARTITIONS = 16
 COLUMNS = ("id", "duration_s", "pcm_hash", "fingerprint")
 PAIR_COLUMNS = ("a", "b", "offset", "matches", "a_start", "a_end", "b_start", "b_end")
@@ -131,7 +131,7 @@ def _prints(output_url: str, chunk: list[dict[str, Any]], first_key: int, partit
             prints = [matching.clip_print(fp) for fp in table.column("fingerprint").to_pylist()]
             keys = np.arange(key, key + table.num_rows, dtype=np.int64)
             key += table.num_rows
-            lms += [matching.clip_landmarks(int(k), cp) for k, cp in zip(keys, prints)]
+            lms.append(matching.many_landmarks(keys.tolist(), prints))
             bandwidth = table.column("bandwidth_hz") if "bandwidth_hz" in wanted else pa.nulls(table.num_rows,
                                                                                                pa.float64())
             clips.append(pa.table({

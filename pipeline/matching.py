@@ -85,10 +85,21 @@ def clip_print(fingerprint: bytes) -> ClipPrint:
     return ClipPrint(*decode(fingerprint))
 
 
-def clip_landmarks(key: int, cp: ClipPrint, kind: str = "triplets") -> Landmarks:
-    """The clip's triplet hashes (to join the output on) or pair hashes (to verify a candidate pair with)."""
-    hashes, anchors, ends = (triplets if kind == "triplets" else landmarks)(cp.times, cp.bins)
-    return Landmarks(hashes, np.full(len(hashes), key, np.int64), anchors, ends)
+SPAN = 1 << 22  # frames (37 h): clip i's peaks sit at i * SPAN + t, so no hash spans two clips
+
+
+def many_landmarks(keys: list[int], prints: list[ClipPrint], kind: str = "triplets") -> Landmarks:
+    """The triplet hashes (to join the output on) or pair hashes (to verify a candidate pair with) of many clips
+    at once, vectorised over the clips."""
+    if not prints:
+        return Landmarks.concat([])
+    counts = np.array([len(cp.times) for cp in prints], np.int64)
+    place = np.repeat(np.arange(len(prints), dtype=np.int64), counts)
+    times = np.concatenate([cp.times for cp in prints]) + place * SPAN
+    bins = np.concatenate([cp.bins for cp in prints])
+    hashes, anchors, ends = (triplets if kind == "triplets" else landmarks)(times, bins)
+    index = anchors // SPAN
+    return Landmarks(hashes, np.asarray(keys, np.int64)[index], anchors - index * SPAN, ends - index * SPAN)
 
 
 def sort_order(*keys: np.ndarray) -> np.ndarray:
@@ -125,7 +136,7 @@ class Votes:
 
 def join_votes(lm: Landmarks, stop: int = STOP_OCCURRENCES, pivots: int = PIVOTS) -> Votes:
     """The votes of every pair of occurrences of a hash in two clips (see the module docstring)."""
-    order = sort_order(lm.times, lm.keys, lm.hashes)
+    order = sort_order(lm.keys, lm.hashes)  # stable: within a clip, the landmarks' own (deterministic) order
     h, k, t, e = lm.hashes[order], lm.keys[order], lm.times[order], lm.ends[order]
     n = len(h)
     if not n:
@@ -134,15 +145,18 @@ def join_votes(lm: Landmarks, stop: int = STOP_OCCURRENCES, pivots: int = PIVOTS
     sizes = np.diff(np.r_[starts, n])
     size = np.repeat(sizes, sizes)
     start = np.repeat(starts, sizes)
+    position = np.arange(n) - start
     left, right = [], []
     small = size <= stop
-    for d in range(1, int(min(sizes.max(), stop))):
-        i = np.flatnonzero(small[:-d] & (h[:-d] == h[d:]))
-        left.append(i)
-        right.append(i + d)
+    active, d = np.flatnonzero(small & (size > 1)), 1
+    while len(active):  # all pairs within small groups: each element with the one d places later
+        active = active[position[active] + d < size[active]]
+        left.append(active)
+        right.append(active + d)
+        d += 1
     big = np.flatnonzero(~small)
     for j in range(pivots):
-        i = big[big - start[big] > j]
+        i = big[position[big] > j]
         left.append(start[i] + j)
         right.append(i)
     i, j = (np.concatenate(left), np.concatenate(right)) if left else (np.zeros(0, np.int64),) * 2
@@ -234,12 +248,10 @@ def verify(candidates: Pairs, prints: dict[int, ClipPrint], min_matches: int = M
     out, batch, size = [], [], 0
 
     def flush() -> None:
-        lms = []
-        for i, (a, b) in enumerate(batch):
-            for side, key in ((0, a), (1, b)):
-                lm = clip_landmarks(2 * i + side, prints[key], "pairs")
-                lms.append(Landmarks(lm.hashes | (i << 20), lm.keys, lm.times, lm.ends))
-        pairs = score_pairs(join_votes(Landmarks.concat(lms)), min_matches)
+        keys = [2 * i + side for i in range(len(batch)) for side in (0, 1)]
+        lm = many_landmarks(keys, [prints[key] for pair in batch for key in pair], "pairs")
+        pairs = score_pairs(join_votes(Landmarks(lm.hashes | (lm.keys // 2 << 20), lm.keys, lm.times, lm.ends)),
+                            min_matches)
         index = pairs.a // 2
         pairs.a = np.array([batch[i][0] for i in index], np.int64)
         pairs.b = np.array([batch[i][1] for i in index], np.int64)
@@ -450,6 +462,7 @@ def match_clips(prints: dict[int, ClipPrint], info: dict[int, ClipInfo]
         exact.setdefault(info[key].pcm_hash, []).append(key)
     groups = [keys for keys in exact.values() if len(keys) > 1]
     skip = {key for keys in groups for key in keys[1:]}  # one clip of each exact group is matched for all
-    lm = Landmarks.concat([clip_landmarks(key, cp) for key, cp in sorted(prints.items()) if key not in skip])
+    keys = [key for key in sorted(prints) if key not in skip]
+    lm = many_landmarks(keys, [prints[key] for key in keys])
     rels = relations(verify(score_pairs(join_votes(lm), CANDIDATE_MATCHES), prints), info)
     return group_clips(groups, rels, info), repeated_segments(rels, info), rels
