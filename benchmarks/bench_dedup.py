@@ -1,7 +1,7 @@
 """Dedup: what the fingerprint costs in the decode pass, how accurate dedup is on a planted corpus of real speech, and
 how `mimi-tokenize dedup` scales.
 
-    python benchmarks/bench_dedup.py fingerprint [--minutes 10]     # CPU s per audio hour, bytes and peaks per second
+    python benchmarks/bench_dedup.py fingerprint [--minutes 10]     # CPU s per audio hour, bytes and peaks/s
     python benchmarks/bench_dedup.py accuracy                        # recall per transform, precision (tests/planted.py)
     python benchmarks/bench_dedup.py scale [--clips 100000]          # dedup on a fabricated output: clips/s, peak RSS
 

@@ -52,6 +52,8 @@ FORMAT = "mimi-tokenize-dedup/1"
 CHUNK_FILES = 16
 PARTITIONS = 16
 COLUMNS = ("id", "duration_s", "pcm_hash", "fingerprint")
+MATCHING_PARAMS = ("STOP_OCCURRENCES", "PIVOTS", "CANDIDATE_MATCHES", "MIN_MATCHES", "MIN_DENSITY", "DENSE_MATCHES",
+                   "DENSE_DENSITY", "COVER", "SEGMENT_S", "SEGMENT_MIN_CLIPS", "RUN_GAP")
 PAIR_COLUMNS = ("a", "b", "offset", "matches", "a_start", "a_end", "b_start", "b_end")
 CLIP_SCHEMA = (("key", pa.int64()), ("id", pa.string()), ("file", pa.string()), ("duration_s", pa.float64()),
                ("bandwidth_hz", pa.float64()), ("pcm_hash", pa.binary()), ("first", pa.int64()), ("last", pa.int64()),
@@ -66,9 +68,7 @@ def params(partitions: int) -> dict[str, Any]:
     """What the work depends on besides the data: a change redoes it."""
     return {"format": FORMAT, "partitions": partitions, "chunk_files": CHUNK_FILES,
             "fingerprint": {k: getattr(fingerprint, k) for k in ("VERSION", "N_FFT", "HOP", "FAN_OUT", "MAX_DT")},
-            "matching": {k: getattr(matching, k) for k in ("STOP_OCCURRENCES", "PIVOTS", "CANDIDATE_MATCHES",
-                                                           "MIN_MATCHES", "MIN_DENSITY",
-                                                           "COVER", "SEGMENT_S", "SEGMENT_MIN_CLIPS", "RUN_GAP")}}
+            "matching": {k: getattr(matching, k) for k in MATCHING_PARAMS}}
 
 
 def _write(url: str, table: pa.Table, storage_options: dict[str, Any] | None, groups: np.ndarray | None = None,
@@ -135,7 +135,8 @@ def _prints(output_url: str, chunk: list[dict[str, Any]], first_key: int, partit
             bandwidth = table.column("bandwidth_hz") if "bandwidth_hz" in wanted else pa.nulls(table.num_rows,
                                                                                                pa.float64())
             clips.append(pa.table({
-                "key": pa.array(keys, pa.int64()), "id": table.column("id"), "file": pa.array([entry["file"]] * table.num_rows),
+                "key": pa.array(keys, pa.int64()), "id": table.column("id"),
+                "file": pa.array([entry["file"]] * table.num_rows),
                 "duration_s": table.column("duration_s"), "bandwidth_hz": bandwidth.cast(pa.float64()),
                 "pcm_hash": table.column("pcm_hash").cast(pa.binary()),
                 "first": np.array([cp.first for cp in prints], np.int64),

@@ -13,7 +13,8 @@ output, partition by partition).
    scores again on the two clips' pair hashes (denser and more robust than triplets, but too unselective to join a
    whole output on).
 3. :func:`relations`: a pair is a match when its best run of matches (no gap over :data:`RUN_GAP` frames) holds
-   at least :data:`MIN_MATCHES` distinct anchor frames, and :data:`MIN_DENSITY` per frame of its span. Near duplicates cover :data:`COVER` of both
+   at least :data:`MIN_MATCHES` distinct anchor frames, and :data:`MIN_DENSITY` per frame of its span (or
+   :data:`DENSE_MATCHES` at :data:`DENSE_DENSITY`, for short clips). Near duplicates cover :data:`COVER` of both
    clips' extents (first to last peak), containment :data:`COVER` of the shorter one, a repeated segment is a
    span of at least :data:`SEGMENT_S` seconds otherwise.
 4. :func:`group_clips`: exact (same ``pcm_hash``) and near duplicates are joined transitively; a group contained in
@@ -43,6 +44,8 @@ VERIFY_LANDMARKS = 2_000_000  # pair landmarks per verification batch
 MIN_MATCHES = 16
 RUN_GAP = 64  # frames (2 s): matches further apart are separate runs
 MIN_DENSITY = 0.08
+DENSE_MATCHES = 13  # fewer matches suffice where they are dense (short clips)
+DENSE_DENSITY = 0.15
 COVER = 0.8
 SEGMENT_S = 3.0
 SEGMENT_MIN_CLIPS = 3
@@ -311,7 +314,9 @@ def relations(pairs: Pairs, info: dict[int, ClipInfo]) -> list[Relation]:
         span_a = int(pairs.a_end[i] - pairs.a_start[i])
         span_b = int(pairs.b_end[i] - pairs.b_start[i])
         ext_a, ext_b = max(ia.last - ia.first, 1), max(ib.last - ib.first, 1)
-        if pairs.matches[i] < max(MIN_MATCHES, MIN_DENSITY * min(span_a, span_b)):
+        density = pairs.matches[i] / max(min(span_a, span_b), 1)
+        if not (pairs.matches[i] >= MIN_MATCHES and density >= MIN_DENSITY
+                or pairs.matches[i] >= DENSE_MATCHES and density >= DENSE_DENSITY):
             continue
         cover_a, cover_b = span_a / ext_a, span_b / ext_b
         spans = (int(pairs.a_start[i]), int(pairs.a_end[i])), (int(pairs.b_start[i]), int(pairs.b_end[i]))
