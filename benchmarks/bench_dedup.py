@@ -1,9 +1,9 @@
 """Dedup: what the fingerprint costs in the decode pass, how accurate dedup is on a planted corpus of real speech, and
 how `mimi-tokenize dedup` scales.
 
-    python benchmarks/bench_dedup.py fingerprint [--minutes 10]     # CPU s per audio hour, bytes and peaks/s
-    python benchmarks/bench_dedup.py accuracy                        # recall per transform, precision (tests/planted.py)
-    python benchmarks/bench_dedup.py scale [--clips 100000]          # dedup on a fabricated output: clips/s, peak RSS
+    python benchmarks/bench_dedup.py fingerprint [--minutes 10]   # CPU s per audio hour, bytes and peaks/s
+    python benchmarks/bench_dedup.py accuracy                      # recall per transform, precision (tests/planted)
+    python benchmarks/bench_dedup.py scale [--clips 100000]        # dedup on a fabricated output: clips/s, peak RSS
 
 Each prints a Markdown table for BENCHMARKS.md. ``scale`` writes an output folder whose rows carry synthetic
 fingerprints (random peaks at speech density; 5 % of clips are copies of others with 20 % of their peaks moved or
