@@ -245,7 +245,7 @@ def score_pairs(votes: Votes, min_matches: int = MIN_MATCHES) -> Pairs:
                                                             "b_start", "b_end")))
 
 
-def verify(candidates: Pairs, prints: dict[int, ClipPrint], min_matches: int = MIN_MATCHES) -> Pairs:
+def verify(candidates: Pairs, prints: dict[int, ClipPrint], min_matches: int = DENSE_MATCHES) -> Pairs:
     """Score each candidate pair again on its two clips' pair hashes (denser, more robust than triplets): the
     landmarks of both clips are joined within the pair only, a batch of pairs at a time."""
     out, batch, size = [], [], 0
