@@ -29,7 +29,6 @@ not write its tables if a run took the lock or the data changed meanwhile.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
