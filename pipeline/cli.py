@@ -97,7 +97,13 @@ def status_command(args: argparse.Namespace) -> int:
     except state.NotWrittenYet as exc:  # a run started: what its identity, records and lock say
         print(json.dumps({"status": exc.status, "detail": str(exc)}) if args.json else f"status: {exc}")
         return 0
-    print(json.dumps(current, indent=2) if args.json else manifest.summarize(current))
+    if args.json:
+        print(json.dumps(current, indent=2))
+        return 0
+    from pipeline.dedup import describe, read_summary
+
+    summary = read_summary(args.output, storage_options)
+    print(manifest.summarize(current) + (f"\n{describe(summary)}" if summary else ""))
     return 0
 
 
@@ -152,6 +158,8 @@ EXPECTED_ERRORS += (ExportError,)
          arg("--num-codebooks", type=int, help="keep the first K codebooks (default: all the output has)"),
          arg("--where", metavar="EXPR", help="keep only the rows this filter over numeric columns selects, e.g. "
              "\"silence_share < 0.5 and bandwidth_hz > 6000\" (comparisons, and/or/not, parentheses, is [not] null)"),
+         arg("--dedup", action="store_true", help="only the clips `mimi-tokenize dedup` keeps (one per duplicate "
+             "group); needs a dedup of the output's current data"),
          arg("--force", action="store_true", help="export an incomplete output (the shards that are done), or into a "
              "non-empty DIR that holds something else (its export files are replaced)"),
          arg("--config", help="YAML config file whose storage_options reach the output"))
@@ -159,9 +167,30 @@ def export_command(args: argparse.Namespace) -> int:
     from pipeline.export import export
 
     meta = export(args.output, args.dest, num_codebooks_out=args.num_codebooks, force=args.force,
-                  where_text=args.where, storage_options=load_config(args.config).output_options())
+                  where_text=args.where, dedup=args.dedup, storage_options=load_config(args.config).output_options())
     print(f"{args.dest}: {meta['clips']:,} clips, {meta['frames']:,} frames x {meta['num_codebooks']} codebooks "
           f"({meta['hours']:.2f} h)")
+    return 0
+
+
+from pipeline.dedup import DedupError  # noqa: E402 (with its subcommand)
+
+EXPECTED_ERRORS += (DedupError,)
+
+
+@command("dedup", "find exact and near duplicates, clips contained in longer ones and repeated segments (jingles, "
+         "ads) across an output, from its fingerprints; writes OUTPUT/_dedup/ (per clip its group, relation and "
+         "whether it is kept; per repeated segment its frame ranges), which export --dedup and the loader honour. "
+         "Resumes; a rerun on an unchanged output does nothing",
+         arg("output", help="output folder URL"),
+         arg("--partitions", type=int, default=16, help="hash partitions: memory per step is about 1/N of the "
+             "output's landmarks (default 16)"),
+         arg("--config", help="YAML config file whose storage_options reach the output"))
+def dedup_command(args: argparse.Namespace) -> int:
+    from pipeline.dedup import dedup, describe
+
+    print(describe(dedup(args.output, partitions=args.partitions,
+                         storage_options=load_config(args.config).output_options())))
     return 0
 
 

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import index, manifest, state, storage
-from pipeline.reading import data_files, iter_codes, num_codebooks, open_parquet
+from pipeline.reading import data_files, iter_codes, num_codebooks, open_parquet, selection
 from pipeline.rowfilter import parse_where
 
 log = logging.getLogger(__name__)
@@ -86,9 +86,11 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def export(output_url: str, dest: str | Path, *, num_codebooks_out: int | None = None, force: bool = False,
-           where_text: str | None = None, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Export ``output_url`` (the rows ``where_text`` selects, if given) into the local folder ``dest``; return its
-    ``meta.json`` content."""
+           where_text: str | None = None, dedup: bool = False, storage_options: dict[str, Any] | None = None
+           ) -> dict[str, Any]:
+    """Export ``output_url`` into the local folder ``dest``; return its ``meta.json`` content. Only the rows
+    ``where_text`` selects, if given; with ``dedup``, only the clips that ``mimi-tokenize dedup`` keeps (one per
+    duplicate group; repeated segments are not cut out)."""
     row_filter = None if where_text is None else parse_where(where_text)
     where = manifest.redact(output_url)
     current = state.read_output(output_url, storage_options)
@@ -111,10 +113,14 @@ def export(output_url: str, dest: str | Path, *, num_codebooks_out: int | None =
     if row_filter is not None:
         row_filter.check(open_parquet(files[0], storage_options).schema_arrow, where)
     digest = data_digest(entries)
+    if dedup:
+        from pipeline.dedup import check_current
+
+        check_current(output_url, storage_options)
     dest = Path(dest)
     existing = _existing_export(dest, output_url, force)
-    if existing is not None and (existing.get("data_digest"), existing.get("num_codebooks"),
-                                 existing.get("where")) == (digest, k, where_text):
+    if existing is not None and (existing.get("data_digest"), existing.get("num_codebooks"), existing.get("where"),
+                                 existing.get("dedup", False)) == (digest, k, where_text, dedup):
         log.info("%s already holds this export; nothing to do", dest)
         return existing
     if existing is not None and not force:
@@ -140,7 +146,8 @@ def export(output_url: str, dest: str | Path, *, num_codebooks_out: int | None =
             if read > n_clips:
                 raise ExportError(f"{where}: the data files hold more rows than the manifest records; rerun "
                                   "`mimi-tokenize run` on the output")
-            for batch in iter_codes(parquet, row_filter=row_filter):
+            mask = selection(output_url, url, parquet, where=row_filter, dedup=dedup, storage_options=storage_options)
+            for batch in iter_codes(parquet, mask):
                 codes_out.write(np.ascontiguousarray(batch.codes[:, :k], dtype=np.uint16).tobytes())
                 offsets[row + 1: row + 1 + batch.rows] = frames + batch.offsets[1:]
                 frames += int(batch.offsets[-1])
@@ -165,8 +172,8 @@ def export(output_url: str, dest: str | Path, *, num_codebooks_out: int | None =
     meta = {
         "format": FORMAT, "num_codebooks": k, "source_num_codebooks": k_out, "frame_rate": 12.5, "dtype": "uint16",
         "codebook_size": 2048, "clips": row, "frames": frames, "tokens": frames * k,
-        "hours": sum(e["hours"] for e in entries) if row_filter is None else seconds / 3600,
-        "source_clips": n_clips, "where": where_text, "model": current["model"], "source": where,
+        "hours": sum(e["hours"] for e in entries) if row_filter is None and not dedup else seconds / 3600,
+        "source_clips": n_clips, "where": where_text, "dedup": dedup, "model": current["model"], "source": where,
         "manifest_sha256": hashlib.sha256(json.dumps(current, sort_keys=True).encode()).hexdigest(),
         "data_digest": digest, "source_status": current["status"], "order": "data files by name, rows in file order",
     }

@@ -17,6 +17,8 @@ yields ``{"codes": int64 [K, seq_len], "doc_ids": int32 [seq_len]}``:
 * **where**: only the clips a filter over the numeric columns selects (:mod:`pipeline.rowfilter`, e.g.
   ``"silence_share < 0.5 and bandwidth_hz > 6000"``); for an output folder or Hub dataset (an export is filtered
   when it is made: ``mimi-tokenize export --where``);
+* **dedup**: with ``dedup=True`` (an output folder), only the clips ``mimi-tokenize dedup`` keeps, one per duplicate
+  group (repeated segments such as jingles stay in the clips that hold them);
 * **shuffling**, deterministic from ``seed`` and the epoch (:meth:`set_epoch`): the order of the source's units
   (files; chunks of 4,096 clips of an export), then a window of ``shuffle_window`` consecutive clips permuted at a
   time (a bounded buffer);
@@ -37,13 +39,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline import manifest, storage
+from pipeline.dedup import check_current
 from pipeline.index import WRITTEN
-from pipeline.reading import data_files, flatten, num_codebooks, open_parquet
-from pipeline.rowfilter import RowFilter, WhereError, group_mask, parse_where
+from pipeline.reading import data_files, flatten, num_codebooks, open_parquet, selection
+from pipeline.rowfilter import RowFilter, WhereError, parse_where
 
 PAD = 2048
 EXPORT_UNIT_CLIPS = 4096
@@ -88,12 +92,14 @@ class Unit:
 
 
 class ParquetSource:
-    """An output folder, or a folder (or Hub dataset) with ``data/*.parquet``: one unit per file, by file name; with a
-    ``row_filter``, a file's clips are those it selects. An output with an index is opened from its manifest alone;
-    each worker then reads the index's file names and keeps only its own units' (:meth:`units_at`)."""
+    """An output folder, or a folder (or Hub dataset) with ``data/*.parquet``: one unit per file, by file name; a
+    file's clips are those the filters select (``row_filter``; with ``dedup``, for an output folder, only the clips
+    ``mimi-tokenize dedup`` keeps). An output with an index is opened from its manifest alone; each worker then reads
+    the index's file names and keeps only its own units' (:meth:`units_at`)."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None, row_filter: RowFilter | None = None):
-        self.url, self.storage_options, self.row_filter = url, storage_options, row_filter
+    def __init__(self, url: str, storage_options: dict[str, Any] | None, row_filter: RowFilter | None = None,
+                 dedup: bool = False):
+        self.url, self.storage_options, self.row_filter, self.dedup = url, storage_options, row_filter, dedup
         try:
             current = manifest.read_manifest(url, storage_options)
         except FileNotFoundError:
@@ -103,6 +109,8 @@ class ParquetSource:
         else:
             self.current, (self.files, _) = None, data_files(url, storage_options)
             self.count = len(self.files)
+        if dedup:
+            check_current(url, storage_options)
         first = (open_parquet(self.units_at(np.zeros(1, np.int64))[0].key, storage_options)
                  if self.count and (row_filter is not None or current is None) else None)
         if row_filter is not None and first is not None:
@@ -121,27 +129,27 @@ class ParquetSource:
             return [Unit(storage.join(self.url, names[int(i)].as_py())) for i in positions]
         return [Unit(files[int(i)]) for i in positions]
 
+    def _kept(self, unit: Unit, parquet: pq.ParquetFile) -> np.ndarray:
+        """The positions of the unit's selected rows."""
+        mask = selection(self.url, unit.key, parquet, where=self.row_filter, dedup=self.dedup,
+                         storage_options=self.storage_options)
+        return np.arange(parquet.metadata.num_rows) if mask is None else np.flatnonzero(mask)
+
     def lengths(self, unit: Unit) -> np.ndarray:
         parquet = open_parquet(unit.key, self.storage_options)
-        if self.row_filter is None:
-            return parquet.read(columns=["n_frames"]).column(0).to_numpy()
-        lengths = [np.zeros(0, np.int32)]
-        for group in range(parquet.metadata.num_row_groups):
-            n_frames = parquet.read_row_group(group, columns=["n_frames"]).column(0).to_numpy()
-            lengths.append(n_frames[group_mask(parquet, group, self.row_filter)])
-        return np.concatenate(lengths)
+        return parquet.read(columns=["n_frames"]).column(0).to_numpy()[self._kept(unit, parquet)]
 
     def docs(self, unit: Unit, start: int = 0) -> Iterator[np.ndarray]:
-        """The unit's (selected) clips from the ``start``-th on, ``[T, K_source]`` int16 each."""
+        """The unit's selected clips from the ``start``-th on, ``[T, K_source]`` int16 each."""
         parquet = open_parquet(unit.key, self.storage_options)
+        kept = self._kept(unit, parquet)[start:]
         first = 0
         for group in range(parquet.metadata.num_row_groups):
-            mask = group_mask(parquet, group, self.row_filter)
-            rows = parquet.metadata.row_group(group).num_rows if mask is None else int(mask.sum())
-            if first + rows > start:
-                table = parquet.read_row_group(group, columns=["codes"])
-                codes, offsets = flatten((table if mask is None else table.filter(mask)).column(0))
-                for i in range(max(0, start - first), rows):
+            rows = parquet.metadata.row_group(group).num_rows
+            wanted = kept[(kept >= first) & (kept < first + rows)] - first
+            if len(wanted):
+                codes, offsets = flatten(parquet.read_row_group(group, columns=["codes"]).column(0))
+                for i in wanted:
                     yield codes[offsets[i]:offsets[i + 1]]
             first += rows
 
@@ -169,15 +177,18 @@ class ExportSource:
             yield self.codes[self.offsets[i]:self.offsets[i + 1]]
 
 
-def open_source(source: str, storage_options: dict[str, Any] | None = None, where: str | None = None
-                ) -> ParquetSource | ExportSource:
+def open_source(source: str, storage_options: dict[str, Any] | None = None, where: str | None = None,
+                dedup: bool = False) -> ParquetSource | ExportSource:
     row_filter = None if where is None else parse_where(where)
     if "://" not in source and (Path(source) / "meta.json").is_file() and (Path(source) / "codes.u16").is_file():
         if row_filter is not None:
             raise WhereError(f"--where {where!r}: {source} is an export, which holds no signal columns; filter when "
                              "exporting (mimi-tokenize export --where), or load the output folder")
+        if dedup:
+            raise ValueError(f"{source} is an export: deduplicate with `mimi-tokenize export --dedup`, then load it "
+                             "without dedup")
         return ExportSource(Path(source))
-    return ParquetSource(source, storage_options, row_filter)
+    return ParquetSource(source, storage_options, row_filter, dedup)
 
 
 # --- the dataset ---------------------------------------------------------------------------------------------------
@@ -190,10 +201,10 @@ class MimiCodes(IterableDataset):
                  delays: str | Sequence[int] | None = None, pad_value: int = PAD, shuffle: bool = True,
                  seed: int = 0, shuffle_window: int = 1024, drop_last: bool = False, rank: int | None = None,
                  world_size: int | None = None, storage_options: dict[str, Any] | None = None,
-                 where: str | None = None):
+                 where: str | None = None, dedup: bool = False):
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        self.source = open_source(str(source), storage_options, where)
+        self.source = open_source(str(source), storage_options, where, dedup)
         k = num_codebooks or self.source.num_codebooks
         if not 1 <= k <= self.source.num_codebooks:
             raise ValueError(f"the source has {self.source.num_codebooks} codebooks; cannot load {k}")

@@ -37,6 +37,7 @@ class CodesBatch:
         return len(self.offsets) - 1
 
 
+
 def data_files(url: str, storage_options: dict[str, Any] | None = None) -> tuple[list[str], dict[str, Any] | None]:
     """The URLs of the Parquet files of the output (or dataset folder) ``url``, sorted by name, and its manifest
     (None for a folder without one)."""
@@ -58,6 +59,23 @@ def data_files(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     return [storage.join(url, manifest.DATA_DIR, n) for n in sorted(names)], None
 
 
+def selection(output_url: str, file_url: str, parquet: pq.ParquetFile, *, where: RowFilter | None = None,
+              dedup: bool = False, storage_options: dict[str, Any] | None = None) -> np.ndarray | None:
+    """The rows of the data file ``file_url`` (opened as ``parquet``) that a reader keeps (bool per row, in file
+    order), or None for all: those ``where`` selects and, with ``dedup``, those ``mimi-tokenize dedup`` keeps
+    (:func:`pipeline.dedup.kept_mask`). Every reader that filters (export, the loader) asks here, so filters
+    compose."""
+    masks = []
+    if where is not None:
+        groups = [group_mask(parquet, g, where) for g in range(parquet.metadata.num_row_groups)]
+        masks.append(np.concatenate(groups) if groups else np.zeros(0, bool))
+    if dedup:
+        from pipeline.dedup import kept_mask
+
+        masks.append(kept_mask(output_url, file_url, parquet.metadata.num_rows, storage_options))
+    return np.logical_and.reduce(masks) if masks else None
+
+
 def open_parquet(url: str, storage_options: dict[str, Any] | None = None) -> pq.ParquetFile:
     fs, path = storage.get_fs(url, storage_options)
     return retry.call(lambda: pq.ParquetFile(fs.open(path, "rb")), what=f"read {url}")
@@ -77,13 +95,15 @@ def flatten(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]
     return flat.reshape(-1, k), offsets - offsets[0]
 
 
-def iter_codes(parquet: pq.ParquetFile, row_filter: RowFilter | None = None) -> Iterator[CodesBatch]:
-    """The file's rows (those ``row_filter`` selects) with their ids, one :class:`CodesBatch` per row group."""
+def iter_codes(parquet: pq.ParquetFile, mask: np.ndarray | None = None) -> Iterator[CodesBatch]:
+    """The file's rows (those ``mask`` selects: :func:`selection`) with their ids, one :class:`CodesBatch` per row
+    group."""
+    first = 0
     for group in range(parquet.metadata.num_row_groups):
         table = parquet.read_row_group(group, columns=["codes", "id", "duration_s"])
-        mask = group_mask(parquet, group, row_filter)
         if mask is not None:
-            table = table.filter(mask)
+            table = table.filter(mask[first:first + table.num_rows])
+        first += parquet.metadata.row_group(group).num_rows
         codes, offsets = flatten(table.column("codes"))
         seconds = pc.sum(table.column("duration_s")).as_py() or 0.0
         yield CodesBatch(codes, offsets, table.column("id").to_pylist(), seconds)

@@ -496,8 +496,11 @@ def render_html(data: ReportData) -> str:
 
 def report(output: str, html_path: str | None = None, storage_options: dict[str, Any] | None = None) -> ReportData:
     """Print the text summary of ``output``; with ``html_path``, also write the HTML page there (any fsspec URL)."""
+    from pipeline.dedup import describe, read_summary
+
     data = collect(output, storage_options)
-    print(render_text(data))
+    summary = read_summary(output, storage_options)
+    print(render_text(data) + (f"\n{describe(summary)}" if summary else ""))
     if html_path:
         storage.atomic_write_bytes(html_path, render_html(data).encode("utf-8"))
         print(f"report page: {html_path}")

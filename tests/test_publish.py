@@ -259,7 +259,7 @@ def test_packing_round_trips_every_row(tmp_path):
     from datasets import load_dataset
 
     out = fabricated_output(tmp_path / "out")
-    records = [manifest.load_done(str(out))[e["shard_id"]] for e in manifest.read_manifest(str(out))["shards"]]
+    records = [manifest.load_done(str(out))[e["shard_id"]] for e in entries(out)]
     target = records[0]["bytes"] + records[1]["bytes"]  # about two shards per file
     options = dict(dry_run=True, target_file_bytes=target, files_per_folder=3, row_group_bytes=200)
     result = publish.publish(str(out), REPO, staging=tmp_path / "a", **options)
