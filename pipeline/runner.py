@@ -28,7 +28,7 @@ import pyarrow as pa
 import ray
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline import manifest, retry, state, storage
+from pipeline import ledger, manifest, retry, state, storage
 from pipeline import schema as output_schema
 from pipeline.commit import Output
 from pipeline.config import RunConfig
@@ -264,7 +264,7 @@ class _Every:
 
 
 def _encode(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, schema: pa.Schema | None,
-            done: dict[str, dict], periodic: Callable[[], None]
+            done: dict[str, dict], periodic: Callable[[], None], compactor: ledger.Compactor
             ) -> tuple[dict[str, str], retry.OutputUnwritable | None]:
     """Encode the plan's pending shards on the encoder pool; return the shards given up on, and the error that
     stopped the run when the output could not be written."""
@@ -291,6 +291,7 @@ def _encode(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output,
 
     def on_done(record: dict[str, Any]) -> None:
         done[record["shard"]["shard_id"]] = record
+        compactor.added()
 
     log.info("%d shard(s) to encode on %d encoder(s) (%s), %d decode task(s) each", len(plan.pending), expected,
              "GPU" if use_gpus else "CPU", slots)
@@ -346,12 +347,15 @@ def run(cfg: RunConfig) -> int:
     lock = RunLock(cfg.output, run_id=uuid.uuid4().hex[:12], storage_options=options, lease_s=cfg.lock_lease_s)
     lock.acquire(wait_s=cfg.lock_wait_s)
     lock.start_heartbeat()
+    compactor = None
     try:
         run_record = _init_run(cfg, model_files)
         shards = _discover(cfg)
         lock.check()
         schema = _decide_schema(cfg, shards)
         output = Output(cfg.output, cfg.num_codebooks, model_files.file_metadata(), options, lock.fence())
+        compactor = ledger.Compactor(lambda: manifest.fold_records(cfg.output, options, output.writing),
+                                     cfg.checkpoint_every)
         records, files = manifest.load_records(cfg.output, options, check_order=True)
         plan = make_plan(shards, records, files, prune=cfg.prune, read_ids=output.read_ids)
         for warning in plan.warnings:
@@ -359,8 +363,11 @@ def run(cfg: RunConfig) -> int:
         _log_plan(cfg, plan)
         final = _finished_manifest(cfg, plan)
         if final is None:
-            final = _work(cfg, plan, model_files, output, schema, run_record, lock, session_start)
+            final = _work(cfg, plan, model_files, output, schema, run_record, lock, session_start, compactor)
+        compactor.finish()  # the next run reads the checkpoint, not every record
     finally:
+        if compactor is not None:
+            compactor.finish(fold=False)
         try:
             lock.release()
         except OSError as exc:  # the store is down: the lock goes stale on its own (its heartbeat has stopped)
@@ -370,7 +377,8 @@ def run(cfg: RunConfig) -> int:
 
 
 def _work(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, schema: pa.Schema | None,
-          run_record: dict[str, Any], lock: RunLock, session_start: float) -> dict[str, Any]:
+          run_record: dict[str, Any], lock: RunLock, session_start: float, compactor: ledger.Compactor
+          ) -> dict[str, Any]:
     """Retire, encode and unify on Ray; return the final manifest (written)."""
     options = cfg.output_options()
     done = {**plan.retained, **plan.done}
@@ -399,7 +407,7 @@ def _work(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, s
         if errors:  # encoding now could write a clip that a stale file still holds: stop here
             log.error("%d stale file(s) could not be retired; nothing is encoded this run", len(errors))
         elif plan.pending:
-            errors, unwritable = _encode(cfg, plan, model_files, output, schema, done, periodic)
+            errors, unwritable = _encode(cfg, plan, model_files, output, schema, done, periodic, compactor)
         records = manifest.load_done(cfg.output, options, check_order=True)  # what storage holds now: the truth
         if unwritable is None:
             errors.update(_unify_schema(cfg, output, records, periodic))
