@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -82,9 +83,10 @@ def _parse(url: str, storage_options: dict[str, Any] | None, wanted: pa.Array) -
     def take(batch: pa.RecordBatch) -> None:
         encoded = pc.dictionary_encode(batch.column("schema"))
         shared = [schemas.setdefault(text, json.loads(text)) for text in encoded.dictionary.to_pylist()]
-        for name, text, index in zip(batch.column("name").to_pylist(), batch.column("record").to_pylist(),
-                                     encoded.indices.to_pylist()):
-            record = records[name] = json.loads(text)
+        names, indices = batch.column("name").to_pylist(), encoded.indices.to_pylist()
+        parsed = json.loads("[" + ",".join(batch.column("record").to_pylist()) + "]")  # one call: faster than many
+        for name, record, index in zip(names, parsed, indices):
+            records[name] = record
             if index is not None:
                 record["schema"] = shared[index]
 
@@ -99,6 +101,14 @@ def share_schemas(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
         if record.get("schema") is not None:
             record["schema"] = shared.setdefault(json.dumps(record["schema"], sort_keys=True), record["schema"])
     return records
+
+
+def _intern(record: dict[str, Any]) -> None:
+    """Make the values that many records repeat (status, kind, times by the second, run id) one string each."""
+    for owner, key in ((record, "status"), (record, "started"), (record, "finished"), (record, "run_id"),
+                       (record.get("shard") or {}, "kind")):
+        if isinstance(owner.get(key), str):
+            owner[key] = sys.intern(owner[key])
 
 
 def load(output_url: str, state_url: str, listed: dict[str, storage.Listed],
@@ -117,7 +127,10 @@ def load(output_url: str, state_url: str, listed: dict[str, storage.Listed],
                             url, retry.brief(exc))
     missing = [n for n in listed if n.endswith(".json") and n not in records]
     records.update(share_schemas(storage.read_json_files(state_url, storage_options, missing)))
-    return {name: records[name] for name in listed if name in records}  # in the listing's order
+    ordered = {name: records[name] for name in listed if name in records}  # in the listing's order
+    for record in ordered.values():
+        _intern(record)
+    return ordered
 
 
 def _row(name: str, version: str, record: dict[str, Any]) -> dict[str, Any]:
@@ -175,8 +188,9 @@ def _fold(output_url: str, state_url: str, storage_options: dict[str, Any] | Non
             with pq.ParquetWriter(tmp, COLUMNS, compression="zstd") as writer:
                 if base is not None:
                     _scan(checkpoint_url(output_url, base), storage_options, held,
-                          lambda batch: writer.write_batch(batch, row_group_size=ROW_GROUP))
-                writer.write_table(pa.Table.from_pylist(rows, COLUMNS), row_group_size=ROW_GROUP)
+                          lambda batch: batch.num_rows and writer.write_batch(batch, row_group_size=ROW_GROUP))
+                if rows:
+                    writer.write_table(pa.Table.from_pylist(rows, COLUMNS), row_group_size=ROW_GROUP)
     log.info("folded %d record(s) into checkpoint %s (%d new)", len(held) + len(rows), url, len(rows))
     return seq
 
