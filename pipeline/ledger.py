@@ -94,7 +94,7 @@ def _parse(url: str, storage_options: dict[str, Any] | None, wanted: pa.Array) -
     return records
 
 
-def share_schemas(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def _share_schemas(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """``records`` with equal ``schema`` values made one object (they are read, never changed in place)."""
     shared: dict[str, Any] = {}
     for record in records.values():
@@ -126,7 +126,7 @@ def load(output_url: str, state_url: str, listed: dict[str, storage.Listed],
                 log.warning("checkpoint %s cannot be read (%s); the records it holds are read one by one",
                             url, retry.brief(exc))
     missing = [n for n in listed if n.endswith(".json") and n not in records]
-    records.update(share_schemas(storage.read_json_files(state_url, storage_options, missing)))
+    records.update(_share_schemas(storage.read_json_files(state_url, storage_options, missing)))
     ordered = {name: records[name] for name in listed if name in records}  # in the listing's order
     for record in ordered.values():
         _intern(record)
@@ -169,6 +169,8 @@ def _fold(output_url: str, state_url: str, storage_options: dict[str, Any] | Non
           writing: Callable[[], AbstractContextManager] | None, listed: dict[str, storage.Listed],
           wanted: pa.Array, base: int | None, seqs: list[int]) -> int | None:
     held = pa.array([], pa.string())
+    if base is None and not len(wanted):
+        return None  # no records, no checkpoint
     if base is not None:
         url = checkpoint_url(output_url, base)
         fs, path = storage.get_fs(url, storage_options)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -140,7 +139,8 @@ def test_a_fold_killed_before_its_rename_leaves_the_plan_as_it_was(tmp_path):
     before = _plan(root, shards)
     for s in shards[4:]:
         _commit(root, s)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
     killed = subprocess.run([sys.executable, "-c", KILLED_FOLD, root], env=env, timeout=120)
     assert killed.returncode == -9
     leftovers = os.listdir(Path(root, ledger.CHECKPOINT_DIR))
