@@ -1,6 +1,7 @@
 """The data path around the encoder: what feeding a GPU costs, and what the pipeline adds.
 
     python benchmarks/bench_datapath.py decode   [--seconds 60]        # CPU per audio hour, per format and rate
+    python benchmarks/bench_datapath.py signals  [--seconds 60]        # the per-clip signals' CPU beside decoding
     python benchmarks/bench_datapath.py latency  [--files 160]         # S3 reads with +0 / +50 ms per GET
     python benchmarks/bench_datapath.py overhead [--minutes 30]        # run CPU beyond decode + encode
     python benchmarks/bench_datapath.py longform [--hours 2]           # peak memory, 2 long clips vs 2 short
@@ -122,6 +123,83 @@ def bench_decode(args: argparse.Namespace) -> None:
         sf_text = f"{t_sf:.1f}" if t_sf is not None else "—"
         print(f"| {name} | {rate / 1000:g} kHz | {sf_text} | {t_av:.1f} | {t_rs:.1f} | {speed:.0f} | "
               f"{5000 / speed:.1f} | {20000 / speed:.1f} |")
+
+
+# --- signals -----------------------------------------------------------------------------------------------------
+
+
+def bench_signals(args: argparse.Namespace) -> None:
+    """CPU seconds per audio hour of the per-clip signals (pipeline/signals.py), next to decode + resample of the
+    same audio, per source rate (stereo): the default signals, their parts, Silero VAD, and a time-domain K-weighting
+    filter (scipy sosfilt) for comparison."""
+    import scipy.signal
+    import xxhash
+
+    from pipeline.decode import _SoundfileReader
+    from pipeline.resample import MonoResampler
+    from pipeline.signals import ClipSignals
+
+    def cpu(fn) -> float:
+        best = float("inf")
+        for _ in range(args.repeat):
+            start = time.process_time()
+            fn()
+            best = min(best, time.process_time() - start)
+        return best * 3600 / args.seconds
+
+    def decode(data: bytes) -> list[np.ndarray]:
+        reader = _SoundfileReader(io.BytesIO(data))
+        try:
+            return list(reader.blocks())
+        finally:
+            reader.close()
+
+    rows = []
+    for rate in (16_000, 24_000, 44_100, 48_000):
+        samples = speechlike(args.seconds, rate)
+        decoded = {name: encoded(name, samples, rate) for name in ("WAV 16-bit", "FLAC", "MP3")}
+        blocks = decode(decoded["FLAC"])
+        resampler = MonoResampler(rate, 2)
+        mono = [m for m in [*(resampler.push(b) for b in blocks), resampler.flush()] if len(m)]
+
+        def resample() -> None:
+            r = MonoResampler(rate, 2)
+            [r.push(b) for b in blocks]
+            r.flush()
+
+        def signals(vad: bool = False, original: bool = True) -> None:
+            s = ClipSignals(vad)
+            for b in blocks if original else ():
+                s.original(b)
+            for m in mono:
+                s.mono(m)
+            s.finish()
+
+        def hashed() -> None:
+            h = xxhash.xxh3_128()
+            for m in mono:
+                h.update(np.ascontiguousarray(m, "<f4"))
+            h.digest()
+
+        t_rs = cpu(resample)
+        base = {name: cpu(lambda d=data: decode(d)) + t_rs for name, data in decoded.items()}
+        t_all, t_mono, t_hash = cpu(signals), cpu(lambda: signals(original=False)), cpu(hashed)
+        t_vad = cpu(lambda: signals(vad=True)) - t_all if rate == 24_000 else None
+        shelf = np.concatenate(scipy.signal.iirfilter(2, 1500 / 12_000, btype="highpass", output="sos"))
+        t_iir = cpu(lambda: [scipy.signal.sosfilt(np.stack([shelf, shelf]), m) for m in mono])
+        rows.append((rate, t_all, t_hash, t_mono - t_hash, t_all - t_mono, t_iir, t_vad, base))
+    print(header(f"Per-clip signals: stereo speech-like audio ({args.seconds:g} s, FLAC decoded once), one thread, "
+                 f"best of {args.repeat}; CPU seconds per audio hour"))
+    print("| source rate | signals (default) | pcm_hash | 24 kHz frames (FFT: loudness, silence, bandwidth) | "
+          "peak + clipping (source samples) | share of decode + resample: WAV / FLAC / MP3 | time-domain K-weighting "
+          "(sosfilt, for comparison) |")
+    print("|---|---|---|---|---|---|---|")
+    for rate, t_all, t_hash, t_frames, t_orig, t_iir, t_vad, base in rows:
+        shares = " / ".join(f"{100 * t_all / base[name]:.0f} % (of {base[name]:.1f})" for name in base)
+        print(f"| {rate / 1000:g} kHz | {t_all:.2f} | {t_hash:.2f} | {t_frames:.2f} | {t_orig:.2f} | {shares} | "
+              f"{t_iir:.2f} |")
+    vad = next(r[6] for r in rows if r[6] is not None)
+    print(f"\nSilero VAD (`--vad`, speech_share), on top: {vad:.1f} CPU s per audio hour ({vad / 60:.1f} min).")
 
 
 # --- S3 helpers (the tests' moto server and fault proxy) ------------------------------------------------------------
@@ -326,7 +404,7 @@ def _compression(kbps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("decode", "latency", "overhead", "longform", "retries"))
+    parser.add_argument("what", choices=("decode", "signals", "latency", "overhead", "longform", "retries"))
     parser.add_argument("--seconds", type=float, default=60.0, help="decode: clip length")
     parser.add_argument("--repeat", type=int, default=3, help="decode: best of")
     parser.add_argument("--files", type=int, default=160, help="latency: files in the shard")
@@ -336,8 +414,8 @@ def main() -> None:
     parser.add_argument("--ops", type=int, default=2000, help="retries: operations of each kind")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mimi-bench-datapath"))
     args = parser.parse_args()
-    {"decode": bench_decode, "latency": bench_latency, "overhead": bench_overhead, "longform": bench_longform,
-     "retries": bench_retries}[args.what](args)
+    {"decode": bench_decode, "signals": bench_signals, "latency": bench_latency, "overhead": bench_overhead,
+     "longform": bench_longform, "retries": bench_retries}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -34,16 +34,18 @@ from pipeline.writer import write_shard  # noqa: E402
 CLIPS_PER_SHARD = 500
 
 
-def synthetic_output(root: Path, clips: int, k: int) -> None:
-    """An output of ``clips`` clips of 2-30 s (random codes), in shards of 500, complete."""
+def synthetic_output(root: Path, clips: int, k: int, clips_per_shard: int = CLIPS_PER_SHARD,
+                     frames_range: tuple[int, int] = (25, 375)) -> None:
+    """An output of ``clips`` clips of ``frames_range`` frames (default 2-30 s; random codes), in shards of
+    ``clips_per_shard``, complete."""
     rng = np.random.default_rng(0)
     shards, done = [], {}
-    for s, start in enumerate(range(0, clips, CLIPS_PER_SHARD)):
+    for s, start in enumerate(range(0, clips, clips_per_shard)):
         shard = Shard(f"files-{s:05d}", "files", "file:///synthetic", "file:///synthetic", f"d{s}",
                       members=(Member(f"{start}", f"file:///synthetic/{start}"),))
         rows = []
-        for i in range(start, min(start + CLIPS_PER_SHARD, clips)):
-            frames = int(rng.integers(25, 375))
+        for i in range(start, min(start + clips_per_shard, clips)):
+            frames = int(rng.integers(*frames_range))
             rows.append(EncodedClip(ClipInfo(i, f"clip{i:07d}", f"file:///synthetic/{i}", 16_000, 1),
                                     rng.integers(0, 2048, (k, frames), dtype=np.int16), frames * 1920))
         result = write_shard(str(root / manifest.shard_file(shard.shard_id)), rows, num_codebooks=k,

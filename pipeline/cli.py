@@ -60,6 +60,8 @@ _RUN_FLAGS = [
     arg("--part-seconds", type=float, help="decoded audio per part from a decode task to its encoder (default 300)"),
     arg("--decode-tasks-per-encoder", type=int, help="shards decoding at once per encoder (default: CPUs/encoders)"),
     arg("--storage-retry-s", type=float, help="retry storage operations through transient errors this long (300)"),
+    arg("--vad", action="store_true", default=None,
+        help="fill speech_share with Silero VAD (pip install 'mimi-tokenize[vad]'; default off: its CPU cost)"),
 ]
 
 
@@ -68,6 +70,20 @@ _RUN_FLAGS = [
 def run_command(args: argparse.Namespace) -> int:
     keys = {f.name for f in dataclasses.fields(RunConfig)}
     return run(load_config(args.config, {k: v for k, v in vars(args).items() if k in keys}))
+
+
+@command("plan", "show what `run` would do with the same flags, without doing it: shards new, changed, removed and "
+         "kept; files, bytes, clips and hours to encode; stale files to retire; what --prune would drop. Reads "
+         "storage only (no lock, nothing written)",
+         arg("--config", help="YAML config file (see configs/default.yaml); flags override it"), *_RUN_FLAGS,
+         arg("--json", action="store_true", help="print the plan as JSON"))
+def plan_command(args: argparse.Namespace) -> int:
+    from pipeline.preview import preview, summarize
+
+    keys = {f.name for f in dataclasses.fields(RunConfig)}
+    result = preview(load_config(args.config, {k: v for k, v in vars(args).items() if k in keys}))
+    print(json.dumps(result, indent=2) if args.json else summarize(result))
+    return 0
 
 
 @command("status", "show the progress of an output (live while a run writes it)",
@@ -101,14 +117,18 @@ from pipeline.publish import PublishError  # noqa: E402 (with its subcommand)
 EXPECTED_ERRORS += (PublishError,)
 
 
-@command("publish", "upload a finished output to the Hugging Face Hub as a dataset repo (data/train-*.parquet and "
-         "a dataset card); rerun to resume an interrupted upload",
+@command("publish", "upload a finished output to the Hugging Face Hub as a dataset repo (its shards packed into "
+         "data/*/train-*.parquet files of about --target-file-mb, a shard mapping and a dataset card); rerun to "
+         "resume an interrupted upload",
          arg("output", help="output folder URL of a finished run"),
          arg("--repo", required=True, metavar="ORG/NAME", help="Hub dataset repo id (created if missing)"),
          arg("--private", action="store_true", help="create the repo private"),
-         arg("--dry-run", action="store_true", help="stage the dataset and list what would be uploaded; no upload"),
+         arg("--dry-run", action="store_true", help="pack the dataset and list what would be uploaded; no upload"),
+         arg("--target-file-mb", type=float, default=500, metavar="MB",
+             help="size of the packed Parquet files, in MiB (default 500; a shard bigger than that is a file alone)"),
          arg("--force", action="store_true", help="publish despite an incomplete run or too many failed clips"),
-         arg("--staging", metavar="DIR", help="local staging folder, kept and reused (default: a temporary one)"),
+         arg("--staging", metavar="DIR", help="local folder to pack into, kept (default: a temporary one); a dry "
+             "run leaves the packed files there, an upload deletes each once uploaded"),
          arg("--license", default="unknown", help="license id for the card (default unknown)"),
          arg("--config", help="YAML config file whose storage_options reach the output"))
 def publish_command(args: argparse.Namespace) -> int:
@@ -116,7 +136,7 @@ def publish_command(args: argparse.Namespace) -> int:
 
     return run_publish(args.output, args.repo, private=args.private, dry_run=args.dry_run, force=args.force,
                        staging=args.staging, license=args.license,
-                       storage_options=load_config(args.config).output_options())
+                       storage_options=load_config(args.config).output_options(), target_file_mb=args.target_file_mb)
 
 
 from pipeline.export import ExportError  # noqa: E402 (with its subcommand)
@@ -130,6 +150,8 @@ EXPECTED_ERRORS += (ExportError,)
          arg("output", help="output folder URL of a finished run"),
          arg("dest", metavar="DIR", help="local folder to write"),
          arg("--num-codebooks", type=int, help="keep the first K codebooks (default: all the output has)"),
+         arg("--where", metavar="EXPR", help="keep only the rows this filter over numeric columns selects, e.g. "
+             "\"silence_share < 0.5 and bandwidth_hz > 6000\" (comparisons, and/or/not, parentheses, is [not] null)"),
          arg("--force", action="store_true", help="export an incomplete output (the shards that are done), or into a "
              "non-empty DIR that holds something else (its export files are replaced)"),
          arg("--config", help="YAML config file whose storage_options reach the output"))
@@ -137,7 +159,7 @@ def export_command(args: argparse.Namespace) -> int:
     from pipeline.export import export
 
     meta = export(args.output, args.dest, num_codebooks_out=args.num_codebooks, force=args.force,
-                  storage_options=load_config(args.config).output_options())
+                  where_text=args.where, storage_options=load_config(args.config).output_options())
     print(f"{args.dest}: {meta['clips']:,} clips, {meta['frames']:,} frames x {meta['num_codebooks']} codebooks "
           f"({meta['hours']:.2f} h)")
     return 0

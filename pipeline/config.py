@@ -60,6 +60,7 @@ class RunConfig:
     # could not renew it for three quarters of it, and another run may take a lock not renewed for all of it
     encoder_wait_s: float = 600.0  # give up the pending shards when no encoder can be placed for this long
     stall_timeout_s: float = 1800.0  # an encoder that gets no decoded audio for this long retries the shard
+    vad: bool = False  # speech_share from Silero VAD (pip install 'mimi-tokenize[vad]'; about 1 CPU min per hour)
 
     def input_options(self) -> dict[str, Any]:
         return self.storage_options if self.input_storage_options is None else self.input_storage_options

@@ -121,13 +121,14 @@ class ShardEncoding:
                 if piece.whole:
                     samples = len(piece.audio)
                     done.append(EncodedClip(piece.info, clip[:, :self.model.num_frames(samples)].astype(np.int16),
-                                            samples))
+                                            samples, piece.signals))
                     continue
                 stream = self.streams[piece.info.index]
                 stream.codes.append(clip.astype(np.int16))
                 if piece.final:
                     del self.streams[piece.info.index]
-                    done.append(EncodedClip(piece.info, np.concatenate(stream.codes, axis=1), stream.encoder.samples))
+                    done.append(EncodedClip(piece.info, np.concatenate(stream.codes, axis=1), stream.encoder.samples,
+                                            piece.signals))
         self.rows += sorted(done, key=lambda row: row.info.index)
         if part.last and self.streams:
             raise RuntimeError(f"shard {part.shard_id}: the last part leaves clip(s) "

@@ -62,6 +62,7 @@ class DecodeSettings:
     max_clip_seconds: float
     storage_options: dict[str, Any]
     retry: retry.RetryPolicy
+    vad: bool = False  # speech_share from Silero VAD
 
     @property
     def part_bytes(self) -> int:
@@ -78,7 +79,7 @@ def decode_parts(shard: Shard, settings: DecodeSettings, only: int | None = None
     retry.set_policy(settings.retry)
     yield from iter_parts(shard, channel_policy=settings.channel_policy, part_seconds=settings.part_seconds,
                           max_clip_seconds=settings.max_clip_seconds, storage_options=settings.storage_options,
-                          only=only)
+                          only=only, vad=settings.vad)
 
 
 @ray.remote(max_retries=0)

@@ -14,6 +14,9 @@ yields ``{"codes": int64 [K, seq_len], "doc_ids": int32 [seq_len]}``:
   holds the clip's frame ``t - delays[k]``, and ``pad_value`` where that is outside the clip. ``pad_value`` defaults
   to 2048, the codebook size, an id no code takes;
 * **K**: the first ``num_codebooks`` codebooks (default: all the source has);
+* **where**: only the clips a filter over the numeric columns selects (:mod:`pipeline.rowfilter`, e.g.
+  ``"silence_share < 0.5 and bandwidth_hz > 6000"``); for an output folder or Hub dataset (an export is filtered
+  when it is made: ``mimi-tokenize export --where``);
 * **shuffling**, deterministic from ``seed`` and the epoch (:meth:`set_epoch`): the order of the source's units
   (files; chunks of 4,096 clips of an export), then a window of ``shuffle_window`` consecutive clips permuted at a
   time (a bounded buffer);
@@ -37,7 +40,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipeline import manifest, storage
+from pipeline.index import WRITTEN
 from pipeline.reading import data_files, flatten, num_codebooks, open_parquet
+from pipeline.rowfilter import RowFilter, WhereError, group_mask, parse_where
 
 PAD = 2048
 EXPORT_UNIT_CLIPS = 4096
@@ -82,26 +88,59 @@ class Unit:
 
 
 class ParquetSource:
-    """An output folder, or a folder (or Hub dataset) with ``data/*.parquet``: one unit per file."""
+    """An output folder, or a folder (or Hub dataset) with ``data/*.parquet``: one unit per file, by file name; with a
+    ``row_filter``, a file's clips are those it selects. An output with an index is opened from its manifest alone;
+    each worker then reads the index's file names and keeps only its own units' (:meth:`units_at`)."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None):
-        self.storage_options = storage_options
-        files, current = data_files(url, storage_options)
-        self.units = [Unit(f) for f in files]
-        self.num_codebooks = current["num_codebooks"] if current else num_codebooks(
-            open_parquet(files[0], storage_options))
+    def __init__(self, url: str, storage_options: dict[str, Any] | None, row_filter: RowFilter | None = None):
+        self.url, self.storage_options, self.row_filter = url, storage_options, row_filter
+        try:
+            current = manifest.read_manifest(url, storage_options)
+        except FileNotFoundError:
+            current = None
+        if current is not None and "index" in current:
+            self.current, self.files, self.count = current, None, current["index"]["files"]
+        else:
+            self.current, (self.files, _) = None, data_files(url, storage_options)
+            self.count = len(self.files)
+        first = (open_parquet(self.units_at(np.zeros(1, np.int64))[0].key, storage_options)
+                 if self.count and (row_filter is not None or current is None) else None)
+        if row_filter is not None and first is not None:
+            row_filter.check(first.schema_arrow, url)
+        self.num_codebooks = current["num_codebooks"] if current else num_codebooks(first)
+
+    def units_at(self, positions: np.ndarray) -> list[Unit]:
+        """The units at ``positions`` (of all the source's units, in file-name order)."""
+        files = self.files
+        if files is None:
+            names = manifest.shard_table(self.url, self.current, self.storage_options, statuses=WRITTEN,
+                                         columns=["file"]).column("file")
+            if len(names) != self.count:
+                raise RuntimeError(f"{manifest.redact(self.url)} was rewritten by a run while it was being read "
+                                   f"({len(names)} data files, {self.count} when opened); open the dataset again")
+            return [Unit(storage.join(self.url, names[int(i)].as_py())) for i in positions]
+        return [Unit(files[int(i)]) for i in positions]
 
     def lengths(self, unit: Unit) -> np.ndarray:
-        return open_parquet(unit.key, self.storage_options).read(columns=["n_frames"]).column(0).to_numpy()
+        parquet = open_parquet(unit.key, self.storage_options)
+        if self.row_filter is None:
+            return parquet.read(columns=["n_frames"]).column(0).to_numpy()
+        lengths = [np.zeros(0, np.int32)]
+        for group in range(parquet.metadata.num_row_groups):
+            n_frames = parquet.read_row_group(group, columns=["n_frames"]).column(0).to_numpy()
+            lengths.append(n_frames[group_mask(parquet, group, self.row_filter)])
+        return np.concatenate(lengths)
 
     def docs(self, unit: Unit, start: int = 0) -> Iterator[np.ndarray]:
-        """The unit's clips from row ``start`` on, ``[T, K_source]`` int16 each."""
+        """The unit's (selected) clips from the ``start``-th on, ``[T, K_source]`` int16 each."""
         parquet = open_parquet(unit.key, self.storage_options)
         first = 0
         for group in range(parquet.metadata.num_row_groups):
-            rows = parquet.metadata.row_group(group).num_rows
+            mask = group_mask(parquet, group, self.row_filter)
+            rows = parquet.metadata.row_group(group).num_rows if mask is None else int(mask.sum())
             if first + rows > start:
-                codes, offsets = flatten(parquet.read_row_group(group, columns=["codes"]).column(0))
+                table = parquet.read_row_group(group, columns=["codes"])
+                codes, offsets = flatten((table if mask is None else table.filter(mask)).column(0))
                 for i in range(max(0, start - first), rows):
                     yield codes[offsets[i]:offsets[i + 1]]
             first += rows
@@ -117,6 +156,10 @@ class ExportSource:
         self.codes = np.memmap(folder / "codes.u16", np.uint16, "r").reshape(-1, self.num_codebooks)
         n = len(self.offsets) - 1
         self.units = [Unit("export", a, min(a + EXPORT_UNIT_CLIPS, n)) for a in range(0, n, EXPORT_UNIT_CLIPS)]
+        self.count = len(self.units)
+
+    def units_at(self, positions: np.ndarray) -> list[Unit]:
+        return [self.units[int(i)] for i in positions]
 
     def lengths(self, unit: Unit) -> np.ndarray:
         return np.diff(self.offsets[unit.start:unit.stop + 1])
@@ -126,10 +169,15 @@ class ExportSource:
             yield self.codes[self.offsets[i]:self.offsets[i + 1]]
 
 
-def open_source(source: str, storage_options: dict[str, Any] | None = None) -> ParquetSource | ExportSource:
+def open_source(source: str, storage_options: dict[str, Any] | None = None, where: str | None = None
+                ) -> ParquetSource | ExportSource:
+    row_filter = None if where is None else parse_where(where)
     if "://" not in source and (Path(source) / "meta.json").is_file() and (Path(source) / "codes.u16").is_file():
+        if row_filter is not None:
+            raise WhereError(f"--where {where!r}: {source} is an export, which holds no signal columns; filter when "
+                             "exporting (mimi-tokenize export --where), or load the output folder")
         return ExportSource(Path(source))
-    return ParquetSource(source, storage_options)
+    return ParquetSource(source, storage_options, row_filter)
 
 
 # --- the dataset ---------------------------------------------------------------------------------------------------
@@ -141,10 +189,11 @@ class MimiCodes(IterableDataset):
     def __init__(self, source: str, *, seq_len: int, num_codebooks: int | None = None,
                  delays: str | Sequence[int] | None = None, pad_value: int = PAD, shuffle: bool = True,
                  seed: int = 0, shuffle_window: int = 1024, drop_last: bool = False, rank: int | None = None,
-                 world_size: int | None = None, storage_options: dict[str, Any] | None = None):
+                 world_size: int | None = None, storage_options: dict[str, Any] | None = None,
+                 where: str | None = None):
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        self.source = open_source(str(source), storage_options)
+        self.source = open_source(str(source), storage_options, where)
         k = num_codebooks or self.source.num_codebooks
         if not 1 <= k <= self.source.num_codebooks:
             raise ValueError(f"the source has {self.source.num_codebooks} codebooks; cannot load {k}")
@@ -178,11 +227,11 @@ class MimiCodes(IterableDataset):
 
     def units(self) -> list[Unit]:
         """This worker's units, in this epoch's order."""
-        units = list(self.source.units)
-        if self.shuffle:
-            np.random.default_rng([self.seed, self.epoch]).shuffle(units)
+        order = np.arange(self.source.count)
+        if self.shuffle:  # the same permutation as shuffling the list of units
+            np.random.default_rng([self.seed, self.epoch]).shuffle(order)
         index, count = self.worker()
-        return units[index::count]
+        return self.source.units_at(order[index::count])
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         index, _ = self.worker()

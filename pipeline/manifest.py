@@ -7,7 +7,8 @@ Layout at the output root::
     _state/run.json                run identity: config snapshot, model provenance, K, schema version
     _state/schema.json             the metadata columns' types, one for the whole output (pipeline.schema)
     _state/lock.json               run lock and its epochs (pipeline.lock.RunLock)
-    manifest.json                  human/machine summary of the whole output, rewritten as the run goes
+    manifest.json                  summary of the whole output (tens of KB at any size), rewritten as the run goes
+    _index/shards-*.parquet        one row per shard entry, pointed to by manifest.json (pipeline.index)
 
 A record's ``status`` is ``done`` (the shard of the listing whose ``digest`` it names) or ``retained`` (rows of
 inputs that are gone from the listing, kept until ``--prune``; see :mod:`pipeline.plan`). A record counts only if
@@ -22,15 +23,18 @@ import platform
 import re
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import index, ledger, storage
 from pipeline import schema as output_schema
-from pipeline import ledger, storage
 from pipeline.lock import LOCK_PATH
 from pipeline.types import ClipFailure, Shard
 from pipeline.writer import SCHEMA_VERSION, ShardWriteResult
@@ -266,16 +270,20 @@ def is_partial(record: dict[str, Any] | None, shard: Shard) -> bool:
 
 
 def build_manifest(output_url: str, run: dict[str, Any], shards: list[Shard], done: dict[str, dict[str, Any]], *,
-                   started: float, finished: float | None = None,
-                   changes: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The manifest of an output: run identity, software versions, one entry per input shard and per retained file,
-    totals, what changed in the listing, timing.
+                   started: float, finished: float | None = None, changes: dict[str, Any] | None = None,
+                   change: dict[str, str] | None = None, removed: Sequence[Any] = ()) -> dict[str, Any]:
+    """The manifest of an output: run identity, software versions, totals, what changed in the listing, timing, and
+    under ``shards`` one entry per input shard, per retained file and per removed shard (:func:`write_manifest` puts
+    the entries in the index).
 
     ``done`` holds the valid records (:func:`load_done`). ``started`` is when this session began (unix time);
     ``finished`` is set when it ended, and makes the status "complete" (every shard of the listing done) or
     "incomplete"; without it the status is "running". Speed (``x_realtime``) counts only the shards finished during
-    this session, so a resumed run is not credited with earlier sessions' work.
+    this session, so a resumed run is not credited with earlier sessions' work. ``change`` gives each shard's change
+    in this run's listing (:attr:`pipeline.plan.Plan.change`); ``removed`` the retired files of shards gone from it
+    (with ``shard_id``, ``kind``, ``uri``), listed as ``removed`` unless they are retained.
     """
+    change = change or {}
     now = time.time() if finished is None else finished
     wall_s = max(now - started, 0.0)
     entries, failed_by_class = [], Counter()
@@ -286,18 +294,20 @@ def build_manifest(output_url: str, run: dict[str, Any], shards: list[Shard], do
         if shard is not None:
             entry: dict[str, Any] = {"shard_id": shard.shard_id, "kind": shard.kind, "uri": shard.uri}
             if not (is_done(record, shard) or is_partial(record, shard)):
-                entries.append({**entry, "status": "pending"})
+                entries.append({**entry, "status": "pending", "change": change.get(shard.shard_id)})
                 continue
         else:
             entry = {k: record["shard"][k] for k in ("shard_id", "kind", "uri")}
-        entries.append({**entry, "status": record["status"],
+        entries.append({**entry, "status": record["status"], "change": change.get(entry["shard_id"]),
                         **{k: record[k] for k in ("file", "rows", "carried", "frames", "bytes", "sha256", "clips",
                                                    "failed", "hours", "attempt")}})
         failed_by_class.update(f["error_class"] for f in record["failures"])
         if _unix(record["finished"]) >= started and shard is not None:
             session_hours += record["hours"]
             session_shards += 1
-    written = [e for e in entries if e["status"] != "pending"]
+    entries += [{"shard_id": r.shard_id, "kind": r.kind, "uri": r.uri, "status": "removed", "change": "removed"}
+                for r in removed if r.shard_id not in done]
+    written = [e for e in entries if e["status"] in index.WRITTEN]
     frames = sum(e["frames"] for e in written)
     shards_done = sum(e["status"] == "done" for e in entries)
     partial = sum(e["status"] == "partial" for e in entries)
@@ -342,17 +352,69 @@ def build_manifest(output_url: str, run: dict[str, Any], shards: list[Shard], do
     }
 
 
-def shard_entries(output_url: str, current: dict[str, Any], storage_options: dict[str, Any] | None = None
-                  ) -> list[dict[str, Any]]:
-    """The output's entries (one per shard of the listing, in its order, then one per retained file), each with its
-    ``shard_id``, ``kind``, ``uri``, ``status`` and, once written, ``file``, ``rows``, ``frames``, ``bytes``,
-    ``sha256``, ``clips``, ``failed``, ``hours``, ``attempt``. Readers go through here, not ``current["shards"]``."""
-    return current["shards"]
-
-
-def write_manifest(output_url: str, manifest: dict[str, Any], storage_options: dict[str, Any] | None = None) -> None:
-    """Write ``manifest.json`` at the output root, atomically."""
+def write_manifest(output_url: str, manifest: dict[str, Any], storage_options: dict[str, Any] | None = None, *,
+                   wanted: Callable[[], bool] = lambda: True) -> dict[str, Any] | None:
+    """Write ``manifest.json`` at the output root, atomically, and return what it holds. A manifest with ``shards``
+    entries (:func:`build_manifest`) has them written to a new index first; ``manifest.json`` then points to it
+    (``index``), and the older indexes are deleted last: a reader never finds a manifest whose index is missing or
+    half-written. Without ``shards``, the manifest (a progress update) keeps the index it names. ``wanted`` is asked
+    just before ``manifest.json`` is written; if it says no, that is not written and None is returned."""
+    pointer = None
+    if "shards" in manifest:
+        shards_done = manifest["totals"]["shards_done"]
+        pointer = index.write(output_url, manifest["shards"], storage_options, shards_done=shards_done)
+        manifest = {**{k: v for k, v in manifest.items() if k != "shards"}, "index": pointer}
+    if not wanted():
+        return None
     storage.write_json(storage.join(output_url, MANIFEST_PATH), manifest, storage_options)
+    if pointer is not None:
+        index.remove_others(output_url, pointer["path"], storage_options)
+    return manifest
+
+
+def shard_table(output_url: str, current: dict[str, Any], storage_options: dict[str, Any] | None = None, *,
+                statuses: Collection[str] | None = None, columns: Sequence[str] | None = None) -> pa.Table:
+    """The output's entries (:data:`pipeline.index.SCHEMA`), only ``columns`` of those whose status is in
+    ``statuses`` (default: all), read from the index ``current`` (the manifest) points to: the entries with a data
+    file first, by file name, then the others. If the index was replaced since ``current`` was read (a run rewrote
+    the manifest), the manifest is read again. An older output whose ``manifest.json`` holds the entries itself
+    (``shards``) is read from there."""
+    for _ in range(3):
+        if "index" not in current:
+            table = index.to_table(current["shards"])
+            if statuses is not None:
+                table = table.filter(pc.is_in(table.column("status"), pa.array(list(statuses), pa.string())))
+            return table.select(list(columns or index.SCHEMA.names))
+        try:
+            return index.read(output_url, current["index"], storage_options, columns=columns, statuses=statuses)
+        except index.IndexMissing as exc:
+            latest = read_manifest(output_url, storage_options)
+            if latest.get("index") == current["index"]:
+                raise index.IndexMissing(f"{exc}; rerun `mimi-tokenize run` on the output to rewrite its index") \
+                    from exc
+            log.info("%s was rewritten while it was read; reading its new index", MANIFEST_PATH)
+            current = latest
+    raise index.IndexMissing(f"the index of {redact(output_url)} kept changing while it was read; try again")
+
+
+def shard_entries(output_url: str, current: dict[str, Any], storage_options: dict[str, Any] | None = None, *,
+                  statuses: Collection[str] | None = None, columns: Sequence[str] | None = None
+                  ) -> list[dict[str, Any]]:
+    """:func:`shard_table` as dicts: each with ``shard_id``, ``kind``, ``uri``, ``status``, ``change`` and, once
+    written, ``file``, ``rows``, ``carried``, ``frames``, ``bytes``, ``sha256``, ``clips``, ``failed``, ``hours``,
+    ``attempt`` (None before). Readers go through here, not ``manifest.json``."""
+    return shard_table(output_url, current, storage_options, statuses=statuses, columns=columns).to_pylist()
+
+
+def index_lag(current: dict[str, Any]) -> str | None:
+    """What the index leaves out, when the manifest is a progress update written after it (a run that is going on or
+    was interrupted): the index lists the entries as they were when this session wrote it."""
+    pointer = current.get("index") or {}
+    later = current["totals"]["shards_done"] - pointer.get("shards_done", current["totals"]["shards_done"])
+    if later <= 0:
+        return None
+    return (f"the index lists the shards written by {pointer.get('written')}; {later} more were done after it and "
+            "are left out until a run rewrites the index (`mimi-tokenize run` on the output)")
 
 
 def read_manifest(output_url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -54,7 +54,13 @@ class Plan:
     kept: dict[str, list[str]] = field(default_factory=dict)  # pending shard id → the ids of its retired file's rows
     # (inputs gone from the listing) that go into its new file: decided here, shipped with the job, never re-derived
     changes: dict[str, Any] = field(default_factory=dict)  # for the manifest and `status`
+    change: dict[str, str] = field(default_factory=dict)  # shard id → added / changed / removed / unchanged
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def removed(self) -> list[Retire]:
+        """The files of shards gone from the listing, retired by this run (kept as retained rows, or deleted)."""
+        return [r for r in self.retire if self.change.get(r.shard_id) == "removed"]
 
 
 def make_plan(shards: list[Shard], records: dict[str, dict[str, Any]], files: dict[str, int], *, prune: bool,
@@ -124,5 +130,7 @@ def make_plan(shards: list[Shard], records: dict[str, dict[str, Any]], files: di
         },
         "prune": prune,
     }
-    return Plan(shards, done, retained, pending, retire, kept, changes, warnings)
+    change = {**dict.fromkeys([*done, *retained], "unchanged"), **{s: "removed" for s in old_records if s not in by_id},
+              **{s.shard_id: "changed" if s.shard_id in old_records else "added" for s in pending}}
+    return Plan(shards, done, retained, pending, retire, kept, changes, change, warnings)
 

@@ -27,6 +27,7 @@ import numpy as np
 from pipeline import retry
 from pipeline.decode import DecodeError, decode_blocks
 from pipeline.resample import MonoResampler
+from pipeline.signals import ClipSignals, Signals
 from pipeline.sources import iter_clips
 from pipeline.types import SAMPLE_RATE, Clip, ClipFailure, ClipInfo, ClipSource, Part, Piece, Shard
 
@@ -51,9 +52,10 @@ def _own_error(exc: Exception) -> Exception:
     return _ClipError("read" if isinstance(exc, OSError) else "decode", exc)
 
 
-def open_clip(src: ClipSource, *, channel_policy: str = "mix", max_clip_seconds: float | None = None
-              ) -> tuple[int, int, Iterator[np.ndarray]]:
-    """(original sample rate, original channels, blocks of mono float32 at 24 kHz) of ``src``.
+def open_clip(src: ClipSource, *, channel_policy: str = "mix", max_clip_seconds: float | None = None,
+              signals: ClipSignals | None = None) -> tuple[int, int, Iterator[np.ndarray]]:
+    """(original sample rate, original channels, blocks of mono float32 at 24 kHz) of ``src``; ``signals`` is fed
+    every decoded block and every 24 kHz block on the way.
 
     Raises :class:`_ClipError` for the clip's own errors (when opening, and while iterating the blocks); transient
     errors are raised as themselves.
@@ -78,7 +80,7 @@ def open_clip(src: ClipSource, *, channel_policy: str = "mix", max_clip_seconds:
     def mono_blocks() -> Iterator[np.ndarray]:
         n = 0
         try:
-            for out in _pushed(blocks, resampler):
+            for out in _pushed(blocks, resampler, signals):
                 n += len(out)
                 if max_samples is not None and n > max_samples:
                     raise ClipTooLongError(f"{src.source_uri}: longer than max_clip_seconds ({max_clip_seconds:g} s)")
@@ -93,10 +95,19 @@ def open_clip(src: ClipSource, *, channel_policy: str = "mix", max_clip_seconds:
     return reader.sample_rate, reader.channels, mono_blocks()
 
 
-def _pushed(blocks: Iterator[np.ndarray], resampler: MonoResampler) -> Iterator[np.ndarray]:
+def _pushed(blocks: Iterator[np.ndarray], resampler: MonoResampler, signals: ClipSignals | None
+            ) -> Iterator[np.ndarray]:
     for block in blocks:
-        yield resampler.push(block)
-    yield resampler.flush()
+        if signals is not None:
+            signals.original(block)
+        yield _fed(resampler.push(block), signals)
+    yield _fed(resampler.flush(), signals)
+
+
+def _fed(out: np.ndarray, signals: ClipSignals | None) -> np.ndarray:
+    if signals is not None:
+        signals.mono(out)
+    return out
 
 
 class PartBuilder:
@@ -127,9 +138,11 @@ class PartBuilder:
         if self.pending >= self.limit:  # alone it fills a part: stream it
             yield self._emit([self._take(final=False)])
 
-    def end(self) -> Iterator[Part]:
-        """The current clip is complete; yield the part this completes, if any."""
+    def end(self, signals: Signals | None = None) -> Iterator[Part]:
+        """The current clip is complete (``signals``: its signals, carried by its final piece); yield the part this
+        completes, if any."""
         piece = self._take(final=True)
+        piece.signals = signals
         self.pieces.append(piece)
         self.samples += len(piece.audio)
         self.info = None
@@ -163,16 +176,18 @@ class PartBuilder:
 
 def iter_parts(shard: Shard, *, channel_policy: str = "mix", part_seconds: float = 300.0,
                max_clip_seconds: float | None = None, storage_options: dict | None = None,
-               only: int | None = None) -> Iterator[Part]:
-    """Read, decode and resample the clips of ``shard`` (only the item at index ``only`` if given) into parts."""
+               only: int | None = None, vad: bool = False) -> Iterator[Part]:
+    """Read, decode and resample the clips of ``shard`` (only the item at index ``only`` if given) into parts; each
+    clip's final piece carries its :class:`~pipeline.signals.Signals` (``speech_share`` only with ``vad``)."""
     builder = PartBuilder(shard.shard_id, round(part_seconds * SAMPLE_RATE))
     for i, item in enumerate(iter_clips(shard, storage_options=storage_options, only=only)):
         if isinstance(item, ClipFailure):
             builder.fail(item)
             continue
+        signals = ClipSignals(vad)
         try:
             sample_rate, channels, blocks = open_clip(item, channel_policy=channel_policy,
-                                                      max_clip_seconds=max_clip_seconds)
+                                                      max_clip_seconds=max_clip_seconds, signals=signals)
             builder.begin(ClipInfo(i if only is None else only, item.clip_id, item.source_uri, sample_rate, channels,
                                    item.metadata))
             for block in blocks:
@@ -184,7 +199,7 @@ def iter_parts(shard: Shard, *, channel_policy: str = "mix", part_seconds: float
             builder.fail(ClipFailure(item.clip_id, item.source_uri, "resample", "ValueError",
                                      "no samples left after resampling to 24 kHz"))
             continue
-        yield from builder.end()
+        yield from builder.end(signals.finish())
     yield builder.finish()
 
 

@@ -6,19 +6,24 @@ Steps:
    and Parquet file; failed clips must stay within the run's ``max_failure_share``. ``force`` overrides both (an
    incomplete run is then published with the shards that are done); an output whose manifest lists a shard as done
    without its done record or file is always refused.
-2. Stage a folder in the layout ``datasets`` reads without a loading script::
+2. Pack the shard files, in the run's shard order, into Parquet files of about ``target_file_bytes`` (500 MB) with
+   row groups of about 100 MB of codes (:mod:`pipeline.packing`), each shard file checked against the sha256 of its
+   done record. The dataset's layout, the one ``datasets`` reads without a loading script::
 
        README.md                               dataset card: YAML front matter (configs, dataset_info, license,
-                                               tags) and provenance (model, K, hours, failures, versions)
-       data/train-00000-of-0000N.parquet       the shard files, in the run's shard order (hardlinked when the
-                                               output is on local disk, else downloaded through fsspec)
+                                               tags), provenance (model, K, hours, failures, versions), files, usage
+       data/00000/train-000000.parquet         the packed files, at most ``files_per_folder`` (10,000) per folder
+       _publish/shards.parquet                 shard -> packed file and row range (and both sha256s)
 
-   Every staged file is checked against the sha256 in its done record.
-3. Upload (not in a dry run): create the dataset repo if needed, list what the repo already holds, and commit
-   only the files that are missing or differ (LFS sha256, or git blob id for files kept in git), data files in
-   batches and the card last. A publish interrupted midway is resumed by running it again: what was committed
-   is not uploaded twice. Data files of an earlier publish that are not part of this one are deleted with the
-   last commit (they would otherwise be read as part of the train split).
+3. Upload (not in a dry run) one file at a time: create the dataset repo if needed, list what it already holds, and
+   for each packed file that is missing or differs (LFS sha256, or git blob id for files kept in git), pre-upload
+   its bytes and delete the local copy; commit the pre-uploaded files in batches of bounded files and bytes, the
+   mapping and the card last. Local disk holds one packed file at a time. Packing is deterministic, so a publish
+   interrupted midway is resumed by running it again: it packs again, and uploads only what the repo does not
+   hold. Files of an earlier publish that are not part of this one (``data/`` and ``_publish/``) are deleted with
+   the last commit (they would otherwise be read as part of the train split). A dry run packs every file into the
+   staging folder and uploads nothing. After an upload, the mapping is also written to the output, as
+   ``_publish/{ORG}/{NAME}/shards.parquet``.
 
 The Hub token comes from ``HF_TOKEN`` or the saved login and is never printed or written anywhere.
 """
@@ -38,12 +43,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from fsspec.implementations.local import LocalFileSystem
 
 from mimi.checkpoint import sha256_file
-from pipeline import manifest, state, storage
+from pipeline import index, manifest, packing, state, storage
 from pipeline.writer import CODEBOOK_SIZE, CORE_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -57,6 +62,7 @@ TASK_CATEGORIES = ["audio-to-audio", "text-to-speech"]
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 COMMIT_MAX_FILES = 100
 COMMIT_MAX_BYTES = 20 * 2**30
+MAX_REPO_FILES = 99_000  # the Hub's limit is 100,000 files per repo
 
 
 class PublishError(RuntimeError):
@@ -90,15 +96,15 @@ class PublishResult:
 
 def check_publishable(output_url: str, current: dict[str, Any], done: dict[str, dict[str, Any]], *, force: bool,
                       storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The done records to publish, in the run's shard order; raise :class:`PublishError` when the output must
-    not be published (see the module docstring)."""
+    """The done records to publish, by file name (the index's order); raise :class:`PublishError` when the output
+    must not be published (see the module docstring)."""
     where = manifest.redact(output_url)
     lock = state.live_lock(output_url, storage_options)
     if lock is not None:
         raise PublishError(f"{where} is being written by run {lock.get('run_id')!r} on host {lock.get('host')} "
                            f"(heartbeat {time.time() - lock['heartbeat']:.0f} s ago); publish it once the run ends")
-    entries = manifest.shard_entries(output_url, current, storage_options)  # the listing's shards, then the files retained for inputs that are gone
-    listed_done = [e for e in entries if e["status"] != "pending"]
+    listed_done = manifest.shard_entries(output_url, current, storage_options, statuses=index.WRITTEN,
+                                         columns=["shard_id", "sha256"])  # by file name
     broken = [e["shard_id"] for e in listed_done if e["shard_id"] not in done]
     if broken:
         raise PublishError(f"{where}: the manifest lists {len(broken)} shard(s) as done whose done record or Parquet "
@@ -116,7 +122,9 @@ def check_publishable(output_url: str, current: dict[str, Any], done: dict[str, 
                    "finish it with `mimi-tokenize run` first")
         if not force:
             raise PublishError(message + ", or pass --force to publish only the shards that are done")
-        log.warning("%s; publishing the %d done shard(s) anyway (--force)", message, len(records))
+        lag = manifest.index_lag(current)
+        log.warning("%s; publishing the %d done shard(s) anyway (--force)%s", message, len(records),
+                    f": {lag}" if lag else "")
     if not records:
         raise PublishError(f"{where}: no shard is done; there is nothing to publish")
     share = manifest.failure_share(current)
@@ -132,12 +140,7 @@ def check_publishable(output_url: str, current: dict[str, Any], done: dict[str, 
     return records
 
 
-# --- staging -------------------------------------------------------------------------------------------------------
-
-
-def data_file_name(index: int, count: int) -> str:
-    """Repo path of the ``index``-th of ``count`` data files: ``data/train-00000-of-00003.parquet``."""
-    return f"data/train-{index:05d}-of-{count:05d}.parquet"
+# --- files ---------------------------------------------------------------------------------------------------------
 
 
 def git_blob_sha1(path: str | os.PathLike) -> str:
@@ -149,48 +152,9 @@ def git_blob_sha1(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _stage_one(src_url: str, dst: Path, expected_sha256: str, expected_size: int,
-               storage_options: dict[str, Any] | None) -> None:
-    """Make ``dst`` a verified copy (or hardlink) of the shard file ``src_url``."""
-    if dst.is_file() and dst.stat().st_size == expected_size and sha256_file(dst) == expected_sha256:
-        return  # staged by an earlier publish
-    fs, src = storage.get_fs(src_url, storage_options)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    linked = False
-    if isinstance(fs, LocalFileSystem):
-        try:
-            os.link(src, tmp)
-            linked = True
-        except OSError:  # another device, or no hardlinks: copy
-            pass
-    if not linked:
-        with fs.open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 22)
-    digest = sha256_file(tmp)
-    if digest != expected_sha256:
-        tmp.unlink()
-        raise PublishError(f"{manifest.redact(src_url)} has sha256 {digest}, but its done record says "
-                           f"{expected_sha256}: the file changed after the run wrote it; rerun the shard")
-    os.replace(tmp, dst)
-
-
-def stage(output_url: str, records: list[dict[str, Any]], staging: str | os.PathLike,
-          storage_options: dict[str, Any] | None = None) -> list[StagedFile]:
-    """Stage the shard files of ``records`` (in order) as ``data/train-*.parquet`` under ``staging``."""
-    data_dir = Path(staging) / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    names = [data_file_name(i, len(records)) for i in range(len(records))]
-    for stale in data_dir.glob("train-*-of-*.parquet"):  # from an earlier publish of another shard count
-        if f"data/{stale.name}" not in names:
-            stale.unlink()
-    files = []
-    for name, record in zip(names, records):
-        dst = Path(staging) / name
-        _stage_one(storage.join(output_url, record["file"]), dst, record["sha256"], record["bytes"], storage_options)
-        files.append(StagedFile(name, str(dst), record["bytes"], record["sha256"]))
-    log.info("staged %d data file(s) in %s", len(files), data_dir)
-    return files
+def staged(path: str, local_path: str | os.PathLike) -> StagedFile:
+    """The :class:`StagedFile` of the local file ``local_path``, to be ``path`` in the repo."""
+    return StagedFile(path, str(local_path), os.path.getsize(local_path), sha256_file(local_path))
 
 
 # --- dataset card --------------------------------------------------------------------------------------------------
@@ -205,28 +169,16 @@ def _size_category(n: int) -> str:
     return "1B<n<10B"
 
 
-def dataset_info_yaml(files: list[StagedFile]) -> dict[str, Any]:
-    """The card's ``dataset_info``, as ``datasets`` itself writes it (``push_to_hub``) for these Parquet files:
-    features inferred from the Arrow schema, and the train split's rows and in-memory Arrow bytes."""
+def dataset_info_yaml(schema: pa.Schema, num_rows: int, num_bytes: int, download_size: int) -> dict[str, Any]:
+    """The card's ``dataset_info``, as ``datasets`` itself writes it (``push_to_hub``) for Parquet files of
+    ``schema``: features inferred from the Arrow schema, and the train split's rows and in-memory Arrow bytes."""
     from datasets import DatasetInfo, Features, SplitDict, SplitInfo
     from datasets.info import DatasetInfosDict
 
-    schema, num_rows, num_bytes = None, 0, 0
-    for f in files:
-        table = pq.read_table(f.local_path)
-        this = table.schema.remove_metadata()
-        if schema is None:
-            schema = this
-        elif not this.equals(schema):
-            raise PublishError(f"{f.path} has columns {this} but {files[0].path} has {schema}: datasets cannot read "
-                               "shards with different columns as one split (metadata keys should keep one type and "
-                               "appear in every shard)")
-        num_rows += table.num_rows
-        num_bytes += table.nbytes
     splits = SplitDict()
     splits.add(SplitInfo(name="train", num_bytes=num_bytes, num_examples=num_rows))
-    info = DatasetInfo(features=Features.from_arrow_schema(schema), splits=splits,
-                       download_size=sum(f.size for f in files), dataset_size=num_bytes)
+    info = DatasetInfo(features=Features.from_arrow_schema(schema.remove_metadata()), splits=splits,
+                       download_size=download_size, dataset_size=num_bytes)
     card_data: dict[str, Any] = {}
     DatasetInfosDict({"default": info}).to_dataset_card_data(card_data)
     return card_data["dataset_info"]
@@ -240,6 +192,9 @@ REPO = "{repo}"
 K = {k}  # codebooks per frame
 
 ds = load_dataset(REPO, split="train")
+
+# Or stream it without downloading it first (datasets reads a Parquet row group, about 100 MB of codes, at a time):
+first = next(iter(load_dataset(REPO, split="train", streaming=True)))
 
 # One clip's codes as an int16 [n_frames, K] array. Format only the codes column: plain with_format("numpy")
 # widens the int16 codes to int64, and dtype=np.int16 is applied to every numeric column it formats
@@ -266,9 +221,8 @@ def _fmt_failures(failed_by_class: dict[str, int]) -> str:
 
 
 def shard_counts(current: dict[str, Any]) -> tuple[int, int]:
-    """(done, all) shards of the listing, from the manifest's entries (retained files are not shards of it)."""
-    listing = [e for e in current["shards"] if e["status"] in ("done", "partial", "pending")]
-    return sum(e["status"] == "done" for e in listing), len(listing)
+    """(done, all) shards of the listing, from the manifest's totals (retained files are not shards of it)."""
+    return current["totals"]["shards_done"], current["totals"]["shards"]
 
 
 def card_totals(current: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -285,21 +239,23 @@ def card_totals(current: dict[str, Any], records: list[dict[str, Any]]) -> dict[
             "tokens": frames * current["num_codebooks"]}
 
 
-def build_card(repo_id: str, current: dict[str, Any], records: list[dict[str, Any]], files: list[StagedFile], *,
-               license: str = DEFAULT_LICENSE) -> str:
-    """The dataset card ``README.md``: YAML front matter for the Hub and ``datasets``, then provenance and usage."""
+def build_card(repo_id: str, current: dict[str, Any], records: list[dict[str, Any]], files: list[StagedFile],
+               schema: pa.Schema, num_bytes: int, *, license: str = DEFAULT_LICENSE) -> str:
+    """The dataset card ``README.md``: YAML front matter for the Hub and ``datasets``, then provenance and usage.
+    ``files`` are the packed data files, whose rows take ``num_bytes`` of Arrow memory, in ``schema``."""
     current = manifest.redact(current)
     k = current["num_codebooks"]
     model = current["model"]
     totals = card_totals(current, records)
-    info = dataset_info_yaml(files)
+    data_bytes = sum(f.size for f in files)
+    info = dataset_info_yaml(schema, totals["clips"], num_bytes, data_bytes)
     front = {
         "license": license,
         "pretty_name": repo_id.split("/", 1)[1],
         "tags": TAGS,
         "task_categories": TASK_CATEGORIES,
         "size_categories": [_size_category(totals["clips"])],
-        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": packing.DATA_GLOB}]}],
         "dataset_info": info,
     }
     metadata_columns = [name for name in (f["name"] for f in info["features"]) if name not in CORE_COLUMNS]
@@ -331,7 +287,8 @@ def build_card(repo_id: str, current: dict[str, Any], records: list[dict[str, An
         f"| tokens (frames × K) | {totals['tokens']:,} |",
         f"| failed clips (not included) | {totals['failed_clips']:,} |",
         f"| failed clips by class | {_fmt_failures(totals['failed_by_class'])} |",
-        f"| data files | {len(files):,} ({sum(f.size for f in files):,} bytes) |",
+        f"| data files | {len(files):,} Parquet files, {_size(data_bytes)} ({data_bytes:,} bytes), largest "
+        f"{_size(max(f.size for f in files))} |",
         "",
         "## Codes",
         "",
@@ -358,7 +315,14 @@ def build_card(repo_id: str, current: dict[str, Any], records: list[dict[str, An
     ]
     if metadata_columns:
         lines.append("- metadata passed through from the source: " + ", ".join(f"`{c}`" for c in metadata_columns))
-    lines += ["", "## How to load the codes as int16 arrays", "", "```python",
+    lines += ["", "## Files", "",
+              f"`{packing.DATA_GLOB}`: the clips in the order of the run's shards, packed into the Parquet files "
+              f"counted above (row groups of about {_size(packing.ROW_GROUP_BYTES)} of codes, at most "
+              f"{packing.FILES_PER_FOLDER:,} files per folder). "
+              f"[`{packing.MAPPING_PATH}`]({packing.MAPPING_PATH}) traces every row to the shard of the source "
+              "output it came from: one row per shard with its `packed_file` and `packed_sha256`, the "
+              "`[row_start, row_stop)` rows it fills there, and its `shard_id`, `shard_file` and `shard_sha256`.",
+              "", "## How to load the codes as int16 arrays", "", "```python",
               LOAD_EXAMPLE.format(repo=repo_id, k=k).rstrip(), "```", "",
               "## Software", ""]
     lines += [f"- {name} {version}" for name, version in current.get("software", {}).items()]
@@ -401,60 +365,75 @@ def same_file(remote: Any, local: StagedFile) -> bool:
     return remote.blob_id == git_blob_sha1(local.local_path)
 
 
-def _batches(files: list[StagedFile], max_files: int, max_bytes: int) -> list[list[StagedFile]]:
-    batches: list[list[StagedFile]] = []
-    size = 0
-    for f in files:
-        if not batches or len(batches[-1]) >= max_files or size + f.size > max_bytes:
-            batches.append([])
-            size = 0
-        batches[-1].append(f)
-        size += f.size
-    return batches
+class Uploader:
+    """Commits files to a dataset repo as they are made: a file the repo does not hold yet is pre-uploaded (its bytes
+    go to the Hub's storage at once) and its local copy deleted; the pre-uploaded files are committed in batches of
+    at most ``max_files`` files and ``max_bytes`` bytes; :meth:`finish` commits the rest and deletes stale files."""
 
+    def __init__(self, api: Any, repo_id: str, *, private: bool, max_files: int, max_bytes: int,
+                 result: PublishResult) -> None:
+        from huggingface_hub.errors import HfHubHTTPError
 
-def upload(api: Any, repo_id: str, staging: str, files: list[StagedFile], *, private: bool,
-           commit_max_files: int = COMMIT_MAX_FILES, commit_max_bytes: int = COMMIT_MAX_BYTES,
-           result: PublishResult) -> None:
-    """Create the repo if needed and commit the staged files that it does not hold yet (card last)."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    try:
-        url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        remote = remote_files(api, repo_id)
-    except HfHubHTTPError as exc:
-        raise PublishError(f"cannot create or read the dataset repo {repo_id}: {exc}") from exc
-    result.url = str(url)
-    wanted = {f.path for f in files}
-    missing = [f for f in files if f.path not in remote or not same_file(remote[f.path], f)]
-    stale = sorted(p for p in remote if fnmatch.fnmatch(p, "data/*.parquet") and p not in wanted)
-    data = [f for f in missing if f.path != README]
-    card = [f for f in missing if f.path == README]
-    log.info("%s holds %d of the %d file(s) already; uploading %d (%s bytes), deleting %d stale data file(s)",
-             repo_id, len(files) - len(missing), len(files), len(missing), f"{sum(f.size for f in missing):,}",
-             len(stale))
-    batches = _batches(data, commit_max_files, commit_max_bytes)
-    if card or stale or not batches:
-        batches.append(card)  # the card last: it describes the whole upload
-    for i, batch in enumerate(batches):
-        last = i == len(batches) - 1
-        if not batch and not (last and stale):
-            continue
-        paths = [f.path for f in batch]
-        message = ("Update dataset card" if README in paths else "Remove stale data files" if not paths
-                   else f"Add Mimi codes ({len(paths)} file(s), commit {i + 1} of {len(batches)})")
+        self.api, self.repo_id, self.max_files, self.max_bytes, self.result = api, repo_id, max_files, max_bytes, result
         try:
-            api.upload_folder(folder_path=staging, repo_id=repo_id, repo_type="dataset", allow_patterns=paths,
-                              delete_patterns=stale if last and stale else None,
-                              commit_message=f"{message} [mimi-tokenize publish]")
+            result.url = str(api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True))
+            self.remote = remote_files(api, repo_id)
+        except HfHubHTTPError as exc:
+            raise PublishError(f"cannot create or read the dataset repo {repo_id}: {exc}") from exc
+        self.pending: list[Any] = []
+        self.pending_bytes = 0
+
+    def add(self, f: StagedFile) -> None:
+        """Pre-upload ``f`` unless the repo holds it already, and delete its local copy; commit once enough is
+        pending."""
+        self._preupload(f)
+        if len(self.pending) >= self.max_files or self.pending_bytes >= self.max_bytes:
+            self._commit(f"Add Mimi codes ({len(self.pending)} file(s))")
+
+    def _preupload(self, f: StagedFile) -> None:
+        from huggingface_hub import CommitOperationAdd
+
+        if f.path not in self.remote or not same_file(self.remote[f.path], f):
+            op = CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=f.local_path)
+            self._call(self.api.preupload_lfs_files, self.repo_id, [op], repo_type="dataset")
+            if op.path_or_fileobj != b"":  # kept in git, not LFS (small, by the Hub's rules): it goes in the commit
+                op.path_or_fileobj = Path(f.local_path).read_bytes()
+            self.pending.append(op)
+            self.pending_bytes += f.size
+            self.result.uploaded.append(f.path)
+        os.unlink(f.local_path)
+
+    def finish(self, last: list[StagedFile], wanted: set[str]) -> None:
+        """Commit what is pending with the files ``last`` (mapping, card), and delete the repo's data and mapping
+        files not in ``wanted``, all in one last commit."""
+        from huggingface_hub import CommitOperationDelete
+
+        for f in last:
+            self._preupload(f)
+        stale = sorted(p for p in self.remote if p not in wanted and
+                       (fnmatch.fnmatch(p, "data/*.parquet") or p.startswith("_publish/")))
+        log.info("%s: uploaded %d file(s), deleting %d stale file(s)", self.repo_id, len(self.result.uploaded),
+                 len(stale))
+        added = {op.path_in_repo for op in self.pending}
+        self.pending += [CommitOperationDelete(path_in_repo=p) for p in stale]
+        if self.pending:
+            self._commit("Update dataset card" if README in added else "Add Mimi codes" if added
+                         else "Remove stale data files")
+        self.result.deleted += stale
+
+    def _commit(self, message: str) -> None:
+        self._call(self.api.create_commit, self.repo_id, self.pending, repo_type="dataset",
+                   commit_message=f"{message} [mimi-tokenize publish]")
+        self.result.commits += 1
+        log.info("commit %d to %s: %d file(s)", self.result.commits, self.repo_id, len(self.pending))
+        self.pending, self.pending_bytes = [], 0
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
         except Exception as exc:  # HTTP, network, disk: what was committed stays, a rerun uploads the rest
-            raise PublishError(f"upload to {repo_id} failed after {result.commits} commit(s): "
+            raise PublishError(f"upload to {self.repo_id} failed after {self.result.commits} commit(s): "
                                f"{type(exc).__name__}: {exc}; run the same command again to upload the rest") from exc
-        result.commits += 1
-        result.uploaded += paths
-        if last:
-            result.deleted += stale
-        log.info("committed %d file(s) to %s (%d/%d)", len(paths), repo_id, i + 1, len(batches))
 
 
 # --- the command ---------------------------------------------------------------------------------------------------
@@ -476,12 +455,14 @@ def make_api(token: str) -> Any:
 def publish(output_url: str, repo_id: str, *, private: bool = False, dry_run: bool = False, force: bool = False,
             staging: str | os.PathLike | None = None, license: str = DEFAULT_LICENSE,
             storage_options: dict[str, Any] | None = None, api: Any = None,
-            commit_max_files: int = COMMIT_MAX_FILES, commit_max_bytes: int = COMMIT_MAX_BYTES) -> PublishResult:
-    """Check, stage and (unless ``dry_run``) upload the output ``output_url`` to the dataset repo ``repo_id``.
+            target_file_bytes: int = packing.TARGET_FILE_BYTES, files_per_folder: int = packing.FILES_PER_FOLDER,
+            row_group_bytes: int = packing.ROW_GROUP_BYTES, commit_max_files: int = COMMIT_MAX_FILES,
+            commit_max_bytes: int = COMMIT_MAX_BYTES) -> PublishResult:
+    """Check, pack and (unless ``dry_run``) upload the output ``output_url`` to the dataset repo ``repo_id``.
 
-    ``api`` is a ``huggingface_hub.HfApi`` (default: one with :func:`hf_token`). ``staging`` defaults to a new
-    temporary folder, deleted after a successful upload or a dry run; a given folder is kept, and a rerun reuses what
-    it holds. Raises :class:`PublishError` when the output must not or cannot be published.
+    ``api`` is a ``huggingface_hub.HfApi`` (default: one with :func:`hf_token`). ``staging`` is the local folder
+    files are packed into (default: a new temporary folder, removed at the end); a dry run leaves every packed file
+    there, an upload one at a time. Raises :class:`PublishError` when the output must not or cannot be published.
     """
     if not _REPO_ID.fullmatch(repo_id):
         raise PublishError(f"--repo must be ORG/NAME (a Hub dataset repo id), got {repo_id!r}")
@@ -490,34 +471,62 @@ def publish(output_url: str, repo_id: str, *, private: bool = False, dry_run: bo
         token = hf_token()
         if not token:
             raise PublishError("no Hugging Face token: set HF_TOKEN or log in with `hf auth login` "
-                               "(or use --dry-run to only stage the dataset)")
+                               "(or use --dry-run to only pack the dataset)")
         api = make_api(token)
         del token
     current = state.read_output(output_url, storage_options)
     done = manifest.load_done(output_url, storage_options)
     records = check_publishable(output_url, current, done, force=force, storage_options=storage_options)
+    planned = packing.plan(records, target_file_bytes, files_per_folder)
+    if len(planned) > MAX_REPO_FILES:
+        raise PublishError(f"{len(planned):,} files of {_size(target_file_bytes)} would exceed the Hub's "
+                           f"{MAX_REPO_FILES:,} files per repo; raise --target-file-mb")
     temporary = staging is None
-    staging = tempfile.mkdtemp(prefix="mimi-publish-") if staging is None else os.path.abspath(staging)
+    staging = Path(tempfile.mkdtemp(prefix="mimi-publish-") if staging is None else os.path.abspath(staging))
     result = PublishResult(staging=str(staging), files=[])
     try:
-        files = stage(output_url, records, staging, storage_options)
-        card = build_card(repo_id, current, records, files, license=license)
-        card_path = Path(staging) / README
-        card_path.write_text(card, encoding="utf-8")
-        files.append(StagedFile(README, str(card_path), card_path.stat().st_size, sha256_file(card_path)))
-        result.files = files
-        if not dry_run:
-            upload(api, repo_id, str(staging), files, private=private, commit_max_files=commit_max_files,
-                   commit_max_bytes=commit_max_bytes, result=result)
-    except BaseException:
-        if temporary and not dry_run:
-            log.info("staging folder kept at %s: pass --staging %s to reuse it", staging, staging)
-        elif temporary:
+        target = packing.union_schema(output_url, records, storage_options)
+        uploader = None if dry_run else Uploader(api, repo_id, private=private, max_files=commit_max_files,
+                                                 max_bytes=commit_max_bytes, result=result)
+        packed = []
+        for i, f in enumerate(planned):
+            packed.append(packing.pack_file(output_url, f, target, staging / f.path, row_group_bytes=row_group_bytes,
+                                            storage_options=storage_options))
+            result.files.append(StagedFile(f.path, str(staging / f.path), packed[-1].size, packed[-1].sha256))
+            log.info("packed %s: %d shard(s), %d rows, %s (%d of %d)", f.path, len(f.records), packed[-1].rows,
+                     _size(packed[-1].size), i + 1, len(planned))
+            if uploader:
+                uploader.add(result.files[-1])
+        mapping = packing.mapping_table(planned, packed)
+        (staging / packing.MAPPING_PATH).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(mapping, staging / packing.MAPPING_PATH)
+        card = build_card(repo_id, current, records, result.files, target, sum(p.arrow_bytes for p in packed),
+                          license=license)
+        (staging / README).write_text(card, encoding="utf-8")
+        data_files = result.files
+        result.files = [*data_files, staged(packing.MAPPING_PATH, staging / packing.MAPPING_PATH),
+                        staged(README, staging / README)]
+        if uploader:
+            uploader.finish(result.files[len(data_files):], {f.path for f in result.files})
+            _keep_mapping(output_url, repo_id, mapping, storage_options)
+    except packing.PackingError as exc:
+        raise PublishError(f"{manifest.redact(output_url)}: {exc}") from exc
+    finally:
+        if temporary:
             shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if temporary:  # a dry run's temporary staging is removed too: --staging keeps it
-        shutil.rmtree(staging, ignore_errors=True)
     return result
+
+
+def _keep_mapping(output_url: str, repo_id: str, mapping: pa.Table, storage_options: dict[str, Any] | None) -> None:
+    """Write the shard -> packed file mapping of a finished upload to the output too (a warning if it cannot)."""
+    url = storage.join(output_url, "_publish", repo_id, "shards.parquet")
+    sink = pa.BufferOutputStream()
+    pq.write_table(mapping, sink)
+    try:
+        storage.atomic_write_bytes(url, sink.getvalue().to_pybytes(), storage_options)
+    except OSError as exc:
+        log.warning("could not write the shard mapping to %s (%s); the repo holds it as %s", manifest.redact(url),
+                    exc, packing.MAPPING_PATH)
 
 
 def _size(n: int) -> str:
@@ -529,13 +538,15 @@ def _size(n: int) -> str:
 
 
 def run_publish(output: str, repo: str, *, private: bool, dry_run: bool, force: bool, staging: str | None,
-                license: str, storage_options: dict[str, Any] | None) -> int:
+                license: str, storage_options: dict[str, Any] | None, target_file_mb: float = 500) -> int:
     """The ``publish`` subcommand: publish, then print what was (or in a dry run, would be) uploaded."""
+    if target_file_mb <= 0:
+        raise PublishError(f"--target-file-mb must be positive, got {target_file_mb}")
     result = publish(output, repo, private=private, dry_run=dry_run, force=force, staging=staging, license=license,
-                     storage_options=storage_options)
+                     storage_options=storage_options, target_file_bytes=int(target_file_mb * 2**20))
     if dry_run:
-        where = (f"staged in {result.staging}" if staging else
-                 "staged in a temporary folder, now removed (pass --staging DIR to keep the staged files)")
+        where = (f"packed in {result.staging}" if staging else
+                 "packed in a temporary folder, now removed (pass --staging DIR to keep the packed files)")
         print(f"dry run: would upload {len(result.files)} file(s) to the dataset repo {repo} "
               f"({'private' if private else 'public'}), {where} (a real publish skips the files the repo already "
               "holds):")

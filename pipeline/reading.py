@@ -2,21 +2,24 @@
 of codes (no Python object per frame), for ``export`` and the training loader.
 
 Sources: an output folder of ``mimi-tokenize run`` (the files its manifest lists as written, done or retained), or
-any folder with ``data/*.parquet`` in the same schema, e.g. a dataset published to the Hub (``hf://datasets/ORG/NAME``)
-or its staging folder. Files are read in the order of their names.
+any folder with ``data/*.parquet`` or ``data/*/*.parquet`` in the same schema, e.g. a dataset published to the Hub
+(``hf://datasets/ORG/NAME``) or its staging folder. Files are read in the order of their paths.
 """
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import manifest, retry, storage
+from pipeline import index, manifest, retry, storage
+from pipeline.rowfilter import RowFilter, group_mask
 
 
 @dataclass
@@ -27,6 +30,7 @@ class CodesBatch:
     codes: np.ndarray
     offsets: np.ndarray
     ids: list[str]
+    duration_s: float  # the rows' audio, summed
 
     @property
     def rows(self) -> int:
@@ -41,11 +45,14 @@ def data_files(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     except FileNotFoundError:
         current = None
     if current is not None:
-        files = sorted(e["file"] for e in manifest.shard_entries(url, current, storage_options)
-                       if e["status"] != "pending")
-        return [storage.join(url, f) for f in files], current
-    names = [n for n in storage.list_files(storage.join(url, manifest.DATA_DIR), storage_options)
-             if n.endswith(".parquet")]
+        files = manifest.shard_table(url, current, storage_options, statuses=index.WRITTEN, columns=["file"])
+        return [storage.join(url, f) for f in files.column("file").to_pylist()], current
+    fs, path = storage.get_fs(storage.join(url, manifest.DATA_DIR), storage_options)
+    try:  # data/*.parquet, or data/*/*.parquet as publish lays them out
+        names = [posixpath.relpath(p, path) for p in retry.call(fs.find, path, what=f"list {url}")
+                 if p.endswith(".parquet")]
+    except FileNotFoundError:
+        names = []
     if not names:
         raise FileNotFoundError(f"{manifest.redact(url)} has no manifest.json and no data/*.parquet")
     return [storage.join(url, manifest.DATA_DIR, n) for n in sorted(names)], None
@@ -70,9 +77,13 @@ def flatten(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]
     return flat.reshape(-1, k), offsets - offsets[0]
 
 
-def iter_codes(parquet: pq.ParquetFile) -> Iterator[CodesBatch]:
-    """The file's rows with their ids, one :class:`CodesBatch` per row group."""
+def iter_codes(parquet: pq.ParquetFile, row_filter: RowFilter | None = None) -> Iterator[CodesBatch]:
+    """The file's rows (those ``row_filter`` selects) with their ids, one :class:`CodesBatch` per row group."""
     for group in range(parquet.metadata.num_row_groups):
-        table = parquet.read_row_group(group, columns=["codes", "id"])
+        table = parquet.read_row_group(group, columns=["codes", "id", "duration_s"])
+        mask = group_mask(parquet, group, row_filter)
+        if mask is not None:
+            table = table.filter(mask)
         codes, offsets = flatten(table.column("codes"))
-        yield CodesBatch(codes, offsets, table.column("id").to_pylist())
+        seconds = pc.sum(table.column("duration_s")).as_py() or 0.0
+        yield CodesBatch(codes, offsets, table.column("id").to_pylist(), seconds)

@@ -28,29 +28,34 @@ import pyarrow as pa
 import ray
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline import ledger, manifest, retry, state, storage
+from pipeline import index, ledger, manifest, retry, signals, state, storage
 from pipeline import schema as output_schema
 from pipeline.commit import Output
 from pipeline.config import RunConfig
 from pipeline.encoder import DecodeSettings, EncoderSettings, ShardEncoder
+from pipeline.footers import parquet_footers
 from pipeline.model_files import ModelFiles, RunError, load_model_files
 from pipeline.plan import Plan, make_plan
+from pipeline.progress import Progress, manifest_writer
 from pipeline.scheduler import EncoderPool, Job, Scheduler
 from pipeline.sources import discover_shards
 from pipeline.sources.parquet import metadata_schema as parquet_metadata_schema
 from pipeline.lock import RunLock
 from pipeline.storage import join
 from pipeline.types import Shard
+from pipeline.window import bounded
 
 log = logging.getLogger(__name__)
 
 ENCODER_MEMORY = 3 * 2**30  # host memory an encoder actor declares (model, batch activations, its shards' codes)
 MAINTENANCE_MEMORY = 2**30  # a retire / conform task holds one shard file's table (codes and metadata)
+MAINTENANCE_PER_CPU = 2  # retire / conform tasks in flight per cluster CPU (the rest wait on the driver, not in Ray)
 MIN_FREE_BYTES = 100 * 2**20  # a run does not start on a local output disk with less free space
+MANIFEST_WRITE_WINDOW_S = 30.0  # a progress write of the manifest retries this long at most, then again later
 # settings that change which clips a shard holds, or their codes
 SETTINGS_FIXED_ON_RESUME = ("input", "files_per_shard", "max_shard_bytes", "channel_policy", "dtype")
 
-__all__ = ["RunError", "exit_code", "run"]
+__all__ = ["RunError", "checked_config", "exit_code", "list_shards", "plan_run", "run"]
 
 
 # --- start: run identity, listing, schema ------------------------------------------------------------------------
@@ -96,12 +101,7 @@ def _init_run(cfg: RunConfig, model_files: ModelFiles) -> dict[str, Any]:
     run = manifest.make_run(cfg.to_dict(), model_files.provenance(), cfg.num_codebooks)
     try:
         stored = manifest.init_run(cfg.output, run, cfg.output_options())
-        changed = [f"{k}: output has {stored['config'].get(k)!r}, this run has {run['config'][k]!r}"
-                   for k in SETTINGS_FIXED_ON_RESUME if stored["config"].get(k) != run["config"][k]]
-        if changed:
-            raise manifest.IncompatibleOutputError(
-                "the output folder was started with other settings (" + "; ".join(changed) + "). Write to a new "
-                "output folder, or resume with the same settings.")
+        check_settings(stored, cfg)
     except manifest.IncompatibleOutputError as exc:
         if not _clear_rowless_output(cfg):
             raise
@@ -109,6 +109,18 @@ def _init_run(cfg: RunConfig, model_files: ModelFiles) -> dict[str, Any]:
         storage.write_json(join(cfg.output, manifest.RUN_PATH), run, cfg.output_options())
         return run
     return stored
+
+
+def check_settings(stored: dict[str, Any], cfg: RunConfig) -> None:
+    """Raise :class:`~pipeline.manifest.IncompatibleOutputError` if ``cfg`` changes a setting of the output's stored
+    run identity that decides which clips a shard holds, or their codes (:data:`SETTINGS_FIXED_ON_RESUME`)."""
+    config = manifest.redact(cfg.to_dict())
+    changed = [f"{k}: output has {stored['config'].get(k)!r}, this run has {config[k]!r}"
+               for k in SETTINGS_FIXED_ON_RESUME if stored["config"].get(k) != config[k]]
+    if changed:
+        raise manifest.IncompatibleOutputError(
+            "the output folder was started with other settings (" + "; ".join(changed) + "). Write to a new "
+            "output folder, or resume with the same settings.")
 
 
 def _clear_rowless_output(cfg: RunConfig) -> bool:
@@ -124,10 +136,24 @@ def _clear_rowless_output(cfg: RunConfig) -> bool:
         storage.remove(manifest.record_url(cfg.output, shard_id), options)
     for path in (output_schema.SCHEMA_PATH, manifest.MANIFEST_PATH):
         storage.remove(join(cfg.output, path), options)
+    index.remove_others(cfg.output, "", options)
     return True
 
 
-def _discover(cfg: RunConfig) -> list[Shard]:
+def checked_config(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with absolute local paths, its retry window in force, and its paths checked (:func:`_check_paths`)
+    before anything is read or written: the start of `run` and `plan`."""
+    if not cfg.input or not cfg.output:
+        raise RunError("input and output are required (--input URL --output URL, or in the config file)")
+    cfg = dataclasses.replace(cfg, input=_absolute(cfg.input), output=_absolute(cfg.output))
+    retry.set_policy(retry.RetryPolicy(outage_s=cfg.storage_retry_s))
+    _check_paths(cfg)
+    return cfg
+
+
+def list_shards(cfg: RunConfig) -> list[Shard]:
+    """The input's listing cut into shards (:func:`pipeline.sources.discover_shards`); a bad input is a
+    :class:`RunError`."""
     try:
         return discover_shards(cfg.input, files_per_shard=cfg.files_per_shard, max_shard_bytes=cfg.max_shard_bytes,
                                storage_options=cfg.input_options())
@@ -145,7 +171,8 @@ def _input_schema(cfg: RunConfig, shards: list[Shard]) -> pa.Schema | None:
         return output_schema.infer((json.loads(m.row) for s in shards for m in s.members if m.row and not m.error),
                                    where)
     if kind == "parquet":
-        return parquet_metadata_schema(shards, cfg.input_options())
+        return parquet_metadata_schema(parquet_footers(shards, cfg.output, input_options=cfg.input_options(),
+                                                       output_options=cfg.output_options(), save=True))
     return None
 
 
@@ -212,30 +239,43 @@ def _maintenance(output: Output, policy: retry.RetryPolicy, method: str, *args: 
     return getattr(output, method)(*args)
 
 
-def _run_steps(output: Output, what: str, calls: list[tuple[str, str, tuple]], periodic: Callable[[], None]
-               ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Run ``(shard id, method, args)`` commit steps as Ray tasks; return their results (the records they wrote, or
-    None for a deletion) and the shards whose step failed, with why."""
+def _run_steps(output: Output, what: str, calls: list[tuple[str, str, tuple]], periodic: Callable[[], None],
+               log_every_s: float) -> tuple[dict[str, Any], dict[str, str]]:
+    """Run ``(shard id, method, args)`` commit steps as Ray tasks, at most :data:`MAINTENANCE_PER_CPU` per cluster
+    CPU at once (:func:`pipeline.window.bounded`); return their results (the records they wrote, or None for a
+    deletion) and the shards whose step failed, with why. Logs what it waits for at most every ``log_every_s``."""
     if not calls:
         return {}, {}
     log.info("%s: %d file(s)", what, len(calls))
     policy = retry.policy()
-    refs = {_maintenance.options(num_cpus=1, memory=MAINTENANCE_MEMORY, name=f"{method}:{shard_id}").remote(
-                output, policy, method, *args):
-            shard_id for shard_id, method, args in calls}
-    results, errors, waited = {}, {}, 0.0
-    while refs:
-        finished, _ = ray.wait(list(refs), num_returns=len(refs), timeout=1.0)
-        for ref in finished:
-            shard_id = refs.pop(ref)
-            try:
-                results[shard_id] = ray.get(ref)
-            except ray.exceptions.RayError as exc:
-                errors[shard_id] = f"{what} failed: {retry.brief(exc)}"
-                log.error("%s: shard %s: %s", what, shard_id, retry.brief(exc))
-        waited = 0.0 if finished else waited + 1.0
-        if waited and waited % 60 == 0:
-            log.info("%s: waiting for %d file(s) (%.0f s)", what, len(refs), waited)
+    width = MAINTENANCE_PER_CPU * max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    def submit(call: tuple[str, str, tuple]) -> ray.ObjectRef:
+        shard_id, method, args = call
+        return _maintenance.options(num_cpus=1, memory=MAINTENANCE_MEMORY, name=f"{method}:{shard_id}").remote(
+            output, policy, method, *args)
+
+    def wait(refs: list[ray.ObjectRef], timeout_s: float) -> list[ray.ObjectRef]:
+        return ray.wait(refs, num_returns=1, timeout=timeout_s)[0]
+
+    results, errors = {}, {}
+    logged = time.monotonic()
+
+    def idle(flight: list[tuple[str, str, tuple]], waited_s: float) -> None:
+        nonlocal logged
+        if time.monotonic() - logged >= log_every_s:
+            logged = time.monotonic()
+            log.info("%s: waiting for %d file(s) (%s%s), %d of %d done; none finished for %.0f s", what, len(flight),
+                     ", ".join(shard_id for shard_id, _, _ in flight[:3]), ", ..." if len(flight) > 3 else "",
+                     len(results) + len(errors), len(calls), waited_s)
+        periodic()
+
+    for (shard_id, _, _), ref in bounded(calls, submit, wait, width=width, idle=idle):
+        try:
+            results[shard_id] = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            errors[shard_id] = f"{what} failed: {retry.brief(exc)}"
+            log.error("%s: shard %s: %s", what, shard_id, retry.brief(exc))
         periodic()
     return results, errors
 
@@ -264,10 +304,10 @@ class _Every:
 
 
 def _encode(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, schema: pa.Schema | None,
-            done: dict[str, dict], periodic: Callable[[], None], compactor: ledger.Compactor
+            on_done: Callable[[dict[str, Any]], None], periodic: Callable[[], None]
             ) -> tuple[dict[str, str], retry.OutputUnwritable | None]:
-    """Encode the plan's pending shards on the encoder pool; return the shards given up on, and the error that
-    stopped the run when the output could not be written."""
+    """Encode the plan's pending shards on the encoder pool, handing each record committed to ``on_done``; return
+    the shards given up on, and the error that stopped the run when the output could not be written."""
     resources = ray.cluster_resources()
     use_gpus = cfg.device != "cpu" and resources.get("GPU", 0) > 0
     if cfg.device == "cuda" and not resources.get("GPU", 0):
@@ -276,7 +316,7 @@ def _encode(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output,
     cpus = int(resources.get("CPU", 1))
     slots = cfg.decode_tasks_per_encoder or max(2, (cpus - expected) // expected)
     decode = DecodeSettings(cfg.channel_policy, cfg.part_seconds, cfg.max_clip_seconds, cfg.input_options(),
-                            retry.policy())
+                            retry.policy(), cfg.vad)
     settings = EncoderSettings(cfg.num_codebooks, cfg.batch_max_seconds, cfg.max_pad_ratio, cfg.chunk_frames,
                                cfg.device, cfg.dtype, max(1, cpus // expected), cfg.shard_retries, cfg.stall_timeout_s)
     model_ref = ray.put(model_files)
@@ -288,10 +328,6 @@ def _encode(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output,
 
     def submit(encoder, job: Job):
         return encoder.handle.process.remote(job.shard, attempt=job.attempt, kept=job.kept, schema=schema_json)
-
-    def on_done(record: dict[str, Any]) -> None:
-        done[record["shard"]["shard_id"]] = record
-        compactor.added()
 
     log.info("%d shard(s) to encode on %d encoder(s) (%s), %d decode task(s) each", len(plan.pending), expected,
              "GPU" if use_gpus else "CPU", slots)
@@ -319,7 +355,7 @@ def _unify_schema(cfg: RunConfig, output: Output, done: dict[str, dict], periodi
         storage.write_json(url, output_schema.to_json(target), cfg.output_options())
     calls = [(shard_id, "conform", (done[shard_id], target)) for shard_id, s in schemas.items()
              if not s.equals(target, check_metadata=True)]
-    rewritten, errors = _run_steps(output, "unifying the metadata columns", calls, periodic)
+    rewritten, errors = _run_steps(output, "unifying the metadata columns", calls, periodic, cfg.progress_interval_s)
     done.update(rewritten)
     return errors
 
@@ -332,12 +368,13 @@ def run(cfg: RunConfig) -> int:
     cannot start, and :class:`~pipeline.retry.OutputUnwritable` when the output cannot be written (the run stops
     at once, keeping what it committed).
     """
-    if not cfg.input or not cfg.output:
-        raise RunError("input and output are required (--input URL --output URL, or in the config file)")
-    cfg = dataclasses.replace(cfg, input=_absolute(cfg.input), output=_absolute(cfg.output))
-    retry.set_policy(retry.RetryPolicy(outage_s=cfg.storage_retry_s))
-    _check_paths(cfg)
+    cfg = checked_config(cfg)
     _check_free_space(cfg.output, cfg.output_options())
+    if cfg.vad:
+        try:
+            signals.vad_model()
+        except RuntimeError as exc:
+            raise RunError(str(exc)) from exc
     session_start = time.time()
     model_files = load_model_files(cfg.model, cfg.revision, cfg.num_codebooks)
     if model_files.untrained:
@@ -350,14 +387,13 @@ def run(cfg: RunConfig) -> int:
     compactor = None
     try:
         run_record = _init_run(cfg, model_files)
-        shards = _discover(cfg)
+        shards = list_shards(cfg)
         lock.check()
         schema = _decide_schema(cfg, shards)
         output = Output(cfg.output, cfg.num_codebooks, model_files.file_metadata(), options, lock.fence())
         compactor = ledger.Compactor(lambda: manifest.fold_records(cfg.output, options, output.writing),
                                      cfg.checkpoint_every)
-        records, files = manifest.load_records(cfg.output, options, check_order=True)
-        plan = make_plan(shards, records, files, prune=cfg.prune, read_ids=output.read_ids)
+        plan = plan_run(cfg, shards, output.read_ids)
         for warning in plan.warnings:
             log.warning("%s", warning)
         _log_plan(cfg, plan)
@@ -381,17 +417,15 @@ def _work(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, s
           ) -> dict[str, Any]:
     """Retire, encode and unify on Ray; return the final manifest (written)."""
     options = cfg.output_options()
-    done = {**plan.retained, **plan.done}
+    counters = Progress(_build_manifest(cfg, run_record, plan, {**plan.retained, **plan.done}, session_start),
+                        session_start)  # the entries go to the session's first index; then totals only
+    window_s = min(cfg.progress_interval_s, MANIFEST_WRITE_WINDOW_S)
+    writer = manifest_writer(cfg.output, counters, output.writing, options, window_s)
 
     def report() -> None:
-        current = manifest.build_manifest(cfg.output, run_record, plan.shards, done, started=session_start,
-                                          changes=plan.changes)
+        current = counters.snapshot()
         log.info(_progress_line(current))
-        try:
-            with output.writing():
-                manifest.write_manifest(cfg.output, current, options)
-        except OSError as exc:
-            log.warning("could not update the manifest (%s); will retry", retry.brief(exc))
+        writer.submit(current)
 
     progress = _Every(cfg.progress_interval_s, report)
 
@@ -399,20 +433,24 @@ def _work(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, s
         lock.check()
         progress()
 
-    report()  # `status` sees the listing and the plan from the start
+    def committed(record: dict[str, Any]) -> None:
+        counters.add(record)
+        compactor.added()
+
+    report()  # `status` sees the listing and the plan from the start (the session's index)
     unwritable: retry.OutputUnwritable | None = None  # the run stops; what is committed is kept
-    with _ray_session(cfg):
+    with writer, _ray_session(cfg):  # the writer stops before the final manifest: no progress write lands after it
         _, errors = _run_steps(output, "retiring files the listing no longer matches",
-                               [(r.shard_id, "retire", (r,)) for r in plan.retire], periodic)
+                               [(r.shard_id, "retire", (r,)) for r in plan.retire], periodic,
+                               cfg.progress_interval_s)
         if errors:  # encoding now could write a clip that a stale file still holds: stop here
             log.error("%d stale file(s) could not be retired; nothing is encoded this run", len(errors))
         elif plan.pending:
-            errors, unwritable = _encode(cfg, plan, model_files, output, schema, done, periodic, compactor)
+            errors, unwritable = _encode(cfg, plan, model_files, output, schema, committed, periodic)
         records = manifest.load_done(cfg.output, options, check_order=True)  # what storage holds now: the truth
         if unwritable is None:
             errors.update(_unify_schema(cfg, output, records, periodic))
-    final = manifest.build_manifest(cfg.output, run_record, plan.shards, records, started=session_start,
-                                    finished=time.time(), changes=plan.changes)
+    final = _build_manifest(cfg, run_record, plan, records, session_start, finished=time.time())
     if errors:
         final["shard_errors"] = errors
     try:
@@ -424,6 +462,19 @@ def _work(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, s
     if unwritable is not None:
         raise unwritable
     return final
+
+
+def _build_manifest(cfg: RunConfig, run_record: dict[str, Any], plan: Plan, done: dict[str, dict[str, Any]],
+                    started: float, finished: float | None = None) -> dict[str, Any]:
+    return manifest.build_manifest(cfg.output, run_record, plan.shards, done, started=started, finished=finished,
+                                   changes=plan.changes, change=plan.change, removed=plan.removed)
+
+
+def plan_run(cfg: RunConfig, shards: list[Shard], read_ids: Callable[[list[str]], dict[str, list[str]]]) -> Plan:
+    """What a run of ``cfg`` does with the listing ``shards``, from the output's state (reads storage only): the plan
+    `run` follows and `mimi-tokenize plan` shows."""
+    records, files = manifest.load_records(cfg.output, cfg.output_options(), check_order=True)
+    return make_plan(shards, records, files, prune=cfg.prune, read_ids=read_ids)
 
 
 def _log_plan(cfg: RunConfig, plan: Plan) -> None:

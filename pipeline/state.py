@@ -19,7 +19,7 @@ from pipeline import manifest, retry, storage
 from pipeline.config import ConfigError
 from pipeline.lock import LOCK_PATH, is_live
 
-MANIFEST_KEYS = ("status", "num_codebooks", "model", "totals", "timing", "shards")
+MANIFEST_KEYS = ("status", "num_codebooks", "model", "totals", "timing")  # and "index" (or, older, "shards")
 TOTALS_KEYS = ("shards", "shards_done", "clips", "failed_clips", "failed_by_class", "hours", "frames", "tokens")
 
 
@@ -71,6 +71,7 @@ def read_output(url: str, storage_options: dict[str, Any] | None = None) -> dict
         raise OutputError(f"{storage.join(where, manifest.MANIFEST_PATH)} is not valid JSON ({exc}); rerun "
                           "`mimi-tokenize run` on this output to rewrite it") from None
     missing = [k for k in MANIFEST_KEYS if not isinstance(current, dict) or k not in current]
+    missing += [] if missing or "index" in current or "shards" in current else ["index"]
     missing += [f"totals.{k}" for k in TOTALS_KEYS
                 if not missing and not (isinstance(current["totals"], dict) and k in current["totals"])]
     if missing:

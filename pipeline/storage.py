@@ -45,8 +45,11 @@ log = logging.getLogger(__name__)
 
 OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
 # botocore's retries and timeouts for one call (a user's `config_kwargs` entries win): botocore's defaults (5 legacy
-# attempts) times s3fs's 5 retries let one call run for tens of seconds past the retry window
-S3_CLIENT_CONFIG = {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 5, "read_timeout": 30}
+# attempts) times s3fs's 5 retries let one call run for tens of seconds past the retry window; and a connection pool
+# above botocore's 10, for the many small requests made at once (listing pages, shard records, read-ahead GETs); 32,
+# not more: the loopback S3 server of the tests (moto) starts refusing connections at 64 concurrent requests
+S3_CLIENT_CONFIG = {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 5, "read_timeout": 30,
+                    "max_pool_connections": 32}
 S3FS_RETRIES = 2  # s3fs's own retry loop around each botocore call
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
 from pipeline import retry
+
+if TYPE_CHECKING:
+    from pipeline.signals import Signals
 
 SAMPLE_RATE = 24_000  # Mimi's input rate
 
@@ -85,6 +88,7 @@ class Piece:
     audio: np.ndarray  # float32 [n] at SAMPLE_RATE
     start: int  # sample offset of this piece in the clip
     final: bool
+    signals: Signals | None = None  # the clip's signals, on its final piece
 
     @property
     def whole(self) -> bool:
@@ -112,11 +116,13 @@ class Part:
 
 @dataclass
 class EncodedClip:
-    """A clip's output row: its info, its codes ``[K, F]`` int16, and its length in 24 kHz samples."""
+    """A clip's output row: its info, its codes ``[K, F]`` int16, its length in 24 kHz samples, and its signals
+    (None: null columns)."""
 
     info: ClipInfo
     codes: np.ndarray
     samples: int
+    signals: Signals | None = None
 
     @property
     def duration_s(self) -> float:

@@ -2,7 +2,9 @@
 
 Columns, in order: ``id`` (string), ``source_uri`` (string), ``codes`` (``list<fixed_size_list<int16, K>>``,
 time-major ``[F, K]``), ``n_frames`` (int32), ``duration_s`` (float64), ``orig_sample_rate`` (int32),
-``orig_channels`` (int16), then the metadata columns.
+``orig_channels`` (int16), the clip's signals (:data:`pipeline.signals.COLUMNS`: ``pcm_hash``, ``fingerprint``,
+``loudness_lufs``, ``peak_dbfs``, ``clipping_share``, ``silence_share``, ``bandwidth_hz``, ``speech_share``; null
+where undefined), then the metadata columns.
 
 Metadata columns: those of the output's schema (:mod:`pipeline.schema`), in its order, typed as it says (null where
 a clip lacks the key), then any key the output does not know yet, typed by inference (the end of the run unifies
@@ -30,12 +32,17 @@ import pyarrow.parquet as pq
 
 from mimi.checkpoint import sha256_file
 from pipeline import schema as output_schema
+from pipeline.signals import COLUMNS as SIGNAL_COLUMNS
+from pipeline.signals import signal_arrays
 from pipeline.storage import atomic_output
 from pipeline.types import EncodedClip
 
-SCHEMA_VERSION = 2
+# 3: the signal columns (issue 17). A run refuses an output that holds rows of another version (check_compatible),
+# so no output mixes schemas.
+SCHEMA_VERSION = 3
 CODEBOOK_SIZE = 2048
-CORE_COLUMNS = ("id", "source_uri", "codes", "n_frames", "duration_s", "orig_sample_rate", "orig_channels")
+CORE_COLUMNS = ("id", "source_uri", "codes", "n_frames", "duration_s", "orig_sample_rate", "orig_channels",
+                *SIGNAL_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,7 @@ def build_table(rows: list[EncodedClip], *, num_codebooks: int, file_metadata: d
         "duration_s": pa.array([r.duration_s for r in rows], pa.float64()),
         "orig_sample_rate": pa.array([r.info.orig_sample_rate for r in rows], pa.int32()),
         "orig_channels": pa.array([r.info.orig_channels for r in rows], pa.int16()),
+        **signal_arrays([r.signals for r in rows]),
     }
     fields, arrays = _metadata(rows, schema)
     core_fields = [pa.field(name, array.type) for name, array in core.items()]

@@ -133,3 +133,7 @@ def test_the_whole_data_path_streams_long_files_exactly(model, tmp_path):
     for clip, row in zip(whole, encoding.rows):
         assert row.samples == len(clip.audio)
         np.testing.assert_array_equal(row.codes, alone(model, clip.audio, 8, chunk_frames=25))
+    # each row carries its clip's signals, the same whether the clip was streamed or whole in one part
+    in_one_part = {p.info.clip_id: p.signals for part in iter_parts(shard, part_seconds=60.0) for p in part.pieces}
+    assert [row.signals for row in encoding.rows] == [in_one_part[c.clip_id] for c in whole]
+    assert all(row.signals.pcm_hash for row in encoding.rows)

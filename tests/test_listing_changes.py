@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,26 @@ def clip(path: Path, i: int) -> None:
     write_audio(path, "wav_pcm16", 16_000, 0.15 + 0.01 * (i % 11), seed=i)
 
 
+def tree(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every entry under ``folder``: (size, mtime in ns)."""
+    return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def plan_json(corpus: Path, out: Path, capsys, *extra: str) -> dict:
+    """`mimi-tokenize plan --json` for the run of :func:`config`; it must write nothing in the output."""
+    before, _ = tree(out), capsys.readouterr()
+    assert main(["plan", "--input", str(corpus), "--output", str(out), "--files-per-shard", str(FILES_PER_SHARD),
+                 "--json", *extra]) == 0
+    assert tree(out) == before
+    return json.loads(capsys.readouterr().out)
+
+
+def assert_plan_was_the_run(plan: dict, out: Path) -> None:
+    shards = manifest.read_manifest(str(out))["listing"]["shards"]
+    assert (plan["shards"]["new"], plan["shards"]["changed"], plan["shards"]["removed"], plan["shards"]["kept"]) == (
+        shards["added"], shards["changed"], shards["removed"], shards["unchanged"])
+
+
 def test_audio_folder_grows_and_shrinks(tmp_path, tiny_model_path, capsys):
     corpus = tmp_path / "in"
     for i in range(120):
@@ -55,13 +76,20 @@ def test_audio_folder_grows_and_shrinks(tmp_path, tiny_model_path, capsys):
     assert run(config(corpus, out, tiny_model_path)) == 0
     before, rows_before = files(out), read_output(str(out))
     n_shards = len(before)
+    plan = plan_json(corpus, out, capsys)  # a finished output: nothing to do
+    assert (plan["shards"]["kept"], plan["encode"]["shards"], plan["retire"]["files"]) == (n_shards, 0, 0)
 
     # 3 files added (first, middle and last in sort order), 1 removed
     added = ["a_first.wav", "spk2/utt0050b.wav", "zz_last.wav"]
     for j, rel in enumerate(added):
         clip(corpus / rel, 500 + j)
     (corpus / "spk3" / "utt0033.wav").unlink()
+    plan = plan_json(corpus, out, capsys)
+    assert (plan["clips"]["new"], plan["clips"]["gone"], plan["retire"]["rows_kept"]) == (3, 1, 1)
+    assert plan["encode"]["clips"] == plan["encode"]["files"] == 3 + plan["clips"]["encoded_again"]
+    assert plan["prune_drops"]["clips"] == 1 and plan["shards"]["kept"] >= n_shards - 8
     assert run(config(corpus, out, tiny_model_path)) == 0
+    assert_plan_was_the_run(plan, out)
     after = files(out)
     rows = read_output(str(out))  # asserts each id once
     listing = reference_codes(str(corpus), tiny_model_path, 8, FILES_PER_SHARD)
@@ -75,11 +103,19 @@ def test_audio_folder_grows_and_shrinks(tmp_path, tiny_model_path, capsys):
     clips = final["listing"]["clips"]
     assert (clips["new"], clips["gone"], clips["kept"], clips["pruned"]) == (3, 1, 1, 0)
     assert final["totals"]["clips"] == 123 and final["totals"]["kept_clips"] == 1
+    by_change = Counter(e["change"] for e in manifest.shard_entries(str(out), final, columns=["change"]))
+    assert by_change == {k: v for k, v in final["listing"]["shards"].items() if v}  # each shard's, in the index
     assert main(["status", str(out)]) == 0
     assert "listing: 3 new clip(s), 1 gone (kept 1)" in capsys.readouterr().out
 
     # --prune: the output equals a clean run over the new listing, file for file
+    plan = plan_json(corpus, out, capsys)
+    assert (plan["encode"]["shards"], plan["retire"]["files"], plan["prune_drops"]["clips"]) == (0, 0, 1)
+    plan = plan_json(corpus, out, capsys, "--prune")
+    assert (plan["prune_drops"]["clips"], plan["retire"]["rows_kept"], plan["encode"]["shards"]) == (1, 0, 1)
+    assert plan["encode"]["clips"] == plan["clips"]["encoded_again"] > 0  # the shard that held the row is redone
     assert run(config(corpus, out, tiny_model_path, prune=True)) == 0
+    assert_plan_was_the_run(plan, out)
     clean = tmp_path / "clean"
     assert run(config(corpus, clean, tiny_model_path)) == 0
     assert files(out) == files(clean)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 
 import numpy as np
 import pytest
 
+from pipeline import index
 from pipeline import manifest as mf
-from pipeline import storage
+from pipeline import progress, storage
 from pipeline.types import ClipFailure, ClipInfo, EncodedClip, Member, Shard
 from pipeline.writer import SCHEMA_VERSION, write_shard
 
@@ -134,8 +136,11 @@ def test_manifest_totals_status_and_speed(tmp_path):
     m = mf.build_manifest(root, run, shards, done, started=started, finished=finished)
     assert m["status"] == "complete" and m["totals"]["shards_done"] == 4
 
-    mf.write_manifest(root, m)
-    assert mf.read_manifest(root) == json.loads(json.dumps(m))
+    written = mf.write_manifest(root, m)
+    on_disk = mf.read_manifest(root)
+    assert on_disk == json.loads(json.dumps(written)) and "shards" not in on_disk
+    assert on_disk.items() >= {k: v for k, v in json.loads(json.dumps(m)).items() if k != "shards"}.items()
+    assert mf.shard_entries(root, on_disk) == [{**e, "change": None} for e in m["shards"]]
 
 
 def test_summarize_and_eta(tmp_path):
@@ -191,3 +196,119 @@ def test_secrets_never_reach_storage(tmp_path):
         assert "storage_options" in text
         for s in secrets:
             assert s not in text, (name, s)
+
+
+def _entries(n: int) -> list[dict]:
+    """n fabricated entries: done, pending and retained ones, as build_manifest makes them."""
+    entries = []
+    for i in range(n):
+        entry = {"shard_id": f"files-{(i * 7919) % n:06d}", "kind": "files", "uri": f"s3://corpus/in/{i:06d}",
+                 "change": "added"}
+        if i % 5 == 4:
+            entries.append({**entry, "status": "pending"})
+            continue
+        entries.append({**entry, "status": "retained" if i % 50 == 3 else "done", "file": f"data/{entry['shard_id']}"
+                        ".parquet", "rows": 150, "carried": 0, "frames": 150 * 125, "bytes": 200_000 + i,
+                        "sha256": f"{i:064x}", "clips": 151, "failed": 1, "hours": 150 * 10 / 3600, "attempt": 1})
+    return entries
+
+
+def _manifest_of(entries: list[dict]) -> dict:
+    run = mf.make_run({"batch_size": 8}, MODEL, 8, created=T0)
+    written = [e for e in entries if e["status"] != "pending"]
+    m = mf.build_manifest("/out", run, [], {}, started=T0, finished=T0 + 1)
+    m["totals"].update(shards=len(entries), shards_done=sum(e["status"] == "done" for e in entries),
+                       clips=sum(e["rows"] for e in written))
+    return {**m, "shards": entries}
+
+
+def test_manifest_stays_small_and_the_index_holds_every_entry(tmp_path):
+    root, entries = str(tmp_path), _entries(2_000)
+    mf.write_manifest(root, _manifest_of(entries))
+    assert (tmp_path / "manifest.json").stat().st_size < 8_192  # ~900 KB with the entries inline
+    current = mf.read_manifest(root)
+    assert "shards" not in current and current["index"]["rows"] == 2_000 and current["index"]["files"] == 1_600
+    table = mf.shard_table(root, current)
+    assert table.num_rows == 2_000 and table.schema == index.SCHEMA
+    by_id = {e["shard_id"]: e for e in table.to_pylist()}
+    assert by_id == {e["shard_id"]: {name: e.get(name) for name in index.SCHEMA.names} for e in entries}
+    written = mf.shard_entries(root, current, statuses=index.WRITTEN, columns=["file", "bytes"])
+    assert written == sorted(({"file": e["file"], "bytes": e["bytes"]} for e in entries if e["status"] != "pending"),
+                             key=lambda e: e["file"])  # the data files first, by name
+    assert [e["status"] for e in mf.shard_entries(root, current, statuses=["pending"], columns=["status"])] == \
+        ["pending"] * 400
+
+
+def test_a_manifest_never_points_to_a_missing_index(tmp_path, monkeypatch):
+    root = str(tmp_path)
+    mf.write_manifest(root, _manifest_of(_entries(300)))
+    held = mf.read_manifest(root)  # a reader holds the manifest while a run rewrites it ...
+    newer = _entries(310)
+    real_write_json, real_remove = storage.write_json, index.remove_others
+    for step in ("manifest", "cleanup"):  # ... and a rewrite killed at each step
+        def fail(*args, step=step, **kwargs):
+            raise OSError(f"killed at {step}")
+        monkeypatch.setattr(storage, "write_json", fail if step == "manifest" else real_write_json)
+        monkeypatch.setattr(index, "remove_others", fail if step == "cleanup" else real_remove)
+        with pytest.raises(OSError, match="killed"):
+            mf.write_manifest(root, _manifest_of(newer))
+        current = mf.read_manifest(root)
+        assert mf.shard_table(root, current).num_rows == current["index"]["rows"]
+    monkeypatch.undo()
+    mf.write_manifest(root, _manifest_of(newer))
+    current = mf.read_manifest(root)
+    assert [p.name for p in (tmp_path / "_index").iterdir()] == [current["index"]["path"].split("/")[-1]]
+    assert mf.shard_table(root, held).num_rows == 310  # its index is gone: the reader follows the new manifest
+
+
+def test_old_outputs_with_inline_entries_are_read(tmp_path):
+    root, entries = str(tmp_path), _entries(20)
+    storage.write_json(storage.join(root, mf.MANIFEST_PATH), json.loads(json.dumps(_manifest_of(entries))))
+    current = mf.read_manifest(root)
+    files = mf.shard_entries(root, current, statuses=index.WRITTEN, columns=["file"])
+    assert files == sorted(({"file": e["file"]} for e in entries if e["status"] != "pending"),
+                           key=lambda e: e["file"])
+
+
+def test_progress_counts_each_shard_in_constant_time_and_equals_a_rebuild(tmp_path):
+    root = str(tmp_path)
+    shards = _shards(5)
+    run = mf.make_run({}, MODEL, 8)
+    earlier = {"shard-00000": _write_shard(root, shards[0], 2, 25, [], finished=T0 - 50)}
+    started = T0
+    counters = progress.Progress(mf.build_manifest(root, run, shards, earlier, started=started), started)
+    assert counters.snapshot(T0 + 1)["shards"][0]["status"] == "done"  # entries until the index is written
+    counters.indexed({"path": "_index/x.parquet", "shards_done": 1, "written": "then"})
+    done = dict(earlier)
+    for i, failures in ((1, [_failure("DecodeError")]), (2, []), (3, [_failure("EncodeError")] * 2)):
+        done[shards[i].shard_id] = record = _write_shard(root, shards[i], i, 10 * i, failures, finished=T0 + 10 * i)
+        counters.add(record)
+    counters.add(record)  # a shard committed twice is counted once
+    now = T0 + 40
+    got, rebuilt = counters.snapshot(now), mf.build_manifest(root, run, shards, done, started=started)
+    assert "shards" not in got and got["index"]["path"] == "_index/x.parquet"
+    assert "by then; 3 more were done after it" in mf.index_lag(got)  # what export/publish --force say they leave out
+    assert got["totals"] == {**rebuilt["totals"], "hours": pytest.approx(rebuilt["totals"]["hours"])}
+    rebuilt_timing = mf.build_manifest(root, run, shards, done, started=started, finished=now)["timing"]
+    assert got["timing"]["x_realtime"] == pytest.approx(rebuilt_timing["x_realtime"])
+    assert got["timing"]["eta_s"] == pytest.approx(40 / 3)  # 1 shard left, at 3 per 40 s
+
+
+def test_latest_writer_writes_the_newest_value_and_retries():
+    written, failures, gate = [], [OSError("store down")], threading.Event()
+
+    def write(value: int) -> None:
+        gate.wait(5)
+        if failures:
+            raise failures.pop()
+        written.append(value)
+
+    with progress.LatestWriter(write, name="test-writer", retry_s=0.05, close_s=5) as writer:
+        for value in range(5):
+            writer.submit(value)  # the first write blocks on the gate; 1-3 are replaced by 4
+        gate.set()
+        deadline = time.time() + 5
+        while written[-1:] != [4] and time.time() < deadline:
+            time.sleep(0.01)
+    assert written == [4] or written == [0, 4]  # 0 failed once; whether it was retried before 4 came is timing
+    assert not writer.thread.is_alive()

@@ -23,6 +23,10 @@ from pipeline.cli import main
 from pipeline.config import RunConfig
 from pipeline.export import ExportError, export
 from pipeline.loader import MimiCodes, apply_delays, delay_pattern
+from pipeline.prepare import open_clip
+from pipeline.rowfilter import WhereError
+from pipeline.signals import ClipSignals
+from pipeline.types import ClipSource
 from pipeline.runner import run
 from pipeline.writer import read_codes
 
@@ -119,6 +123,64 @@ def test_incomplete_output_refused_unless_forced(output, tmp_path):
     assert export(str(out), tmp_path / "flat", force=True)["source_status"] == "incomplete"
 
 
+def test_the_run_writes_each_clip_signals(output):
+    """End to end on Ray: every row carries the signals of its input, computed in the decode pass."""
+    tables = [pq.read_table(path) for path in sorted((output / "data").glob("*.parquet"))]
+    rows = [row for table in tables for row in table.drop_columns(["codes"]).to_pylist()]
+    assert len(rows) == 40 and all(row["speech_share"] is None for row in rows)
+    for row in rows:
+        signals = ClipSignals()
+        _, _, blocks = open_clip(ClipSource(row["id"], "", (output.parent / "in" / row["id"]).read_bytes()),
+                                 signals=signals)
+        for _ in blocks:
+            pass
+        expected = signals.finish()
+        assert row["pcm_hash"] == expected.pcm_hash and len(row["pcm_hash"]) == 16
+        assert row["fingerprint"] == expected.fingerprint
+        assert (row["loudness_lufs"] is None) == (row["duration_s"] < 0.4)
+        for name in ("loudness_lufs", "peak_dbfs", "clipping_share", "silence_share", "bandwidth_hz"):
+            value = getattr(expected, name)
+            assert row[name] == (None if value is None else pytest.approx(value, rel=1e-6)), name
+
+
+WHERE = "loudness_lufs is not null and not (duration_s > 1.2 or bandwidth_hz < 100)"
+
+
+def test_where_selects_rows_in_export_and_loader(output, hub_layout, tmp_path, capsys):
+    tables = [pq.read_table(path) for path in sorted((output / "data").glob("*.parquet"))]
+    selected = [(row["id"], read_codes(table, i), row["duration_s"]) for table in tables
+                for i, row in enumerate(table.select(["id", "loudness_lufs", "duration_s", "bandwidth_hz"]).to_pylist())
+                if row["loudness_lufs"] is not None and not (row["duration_s"] > 1.2 or row["bandwidth_hz"] < 100)]
+    assert 5 < len(selected) < 30
+
+    dest = tmp_path / "flat"
+    assert main(["export", str(output), str(dest), "--where", WHERE]) == 0
+    meta = json.loads((dest / "meta.json").read_text())
+    assert (meta["where"], meta["clips"], meta["source_clips"]) == (WHERE, len(selected), 40)
+    codes = np.memmap(dest / "codes.u16", np.uint16, "r").reshape(-1, K)
+    offsets = np.load(dest / "offsets.npy")
+    assert (dest / "ids.txt").read_text().splitlines() == [clip_id for clip_id, _, _ in selected]
+    assert len(offsets) == len(selected) + 1 and offsets[-1] == len(codes) == meta["frames"]
+    for i, (_, expected, _) in enumerate(selected):
+        np.testing.assert_array_equal(codes[offsets[i]:offsets[i + 1]], expected.astype(np.uint16))
+    assert meta["hours"] == pytest.approx(sum(seconds for _, _, seconds in selected) / 3600)
+    with pytest.raises(ExportError, match="another export.*where"):  # without the filter: another export
+        export(str(output), dest)
+
+    for source in (output, hub_layout):
+        dataset = MimiCodes(str(source), seq_len=37, shuffle=False, where=WHERE)
+        np.testing.assert_array_equal(frames_of(list(dataset)), np.concatenate([c for _, c, _ in selected]))
+
+    capsys.readouterr()
+    assert main(["export", str(output), str(tmp_path / "bad"), "--where", "loudness > -20"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "'loudness' is not a column" in error and "\n" not in error and not (tmp_path / "bad").exists()
+    with pytest.raises(WhereError, match="expected"):
+        MimiCodes(str(output), seq_len=8, where="silence_share < ")
+    with pytest.raises(WhereError, match="is an export"):
+        MimiCodes(str(dest), seq_len=8, where=WHERE)
+
+
 def frames_of(sequences: list[dict]) -> np.ndarray:
     """The valid frames of sequences, [n, K], in order."""
     return np.concatenate([s["codes"].numpy().T[s["doc_ids"].numpy() >= 0] for s in sequences])
@@ -188,6 +250,17 @@ def test_ranks_and_workers_cover_every_frame_once(output):
     got = all_frames({"source": str(output), "seq_len": 50, "seed": 3}, world_size=2, workers=2)
     assert got.shape == stream.shape
     np.testing.assert_array_equal(sorted_rows(got), sorted_rows(stream))
+
+
+def test_a_loader_over_the_index_equals_one_over_the_files(output, hub_layout):
+    pointer = json.loads((output / "manifest.json").read_text())["index"]
+    assert pointer["files"] == len(list((output / "data").glob("*.parquet"))) > 3
+    for rank in range(3):  # same rows, same order, per rank
+        kwargs = {"seq_len": 31, "seed": 7, "shuffle_window": 5, "rank": rank, "world_size": 3}
+        over_index, over_files = MimiCodes(str(output), **kwargs), MimiCodes(str(hub_layout), **kwargs)
+        assert over_index.source.files is None  # opened from the manifest alone: each rank reads its own units
+        assert len(over_index.units()) == len(over_files.units()) == len(range(rank, pointer["files"], 3))
+        np.testing.assert_array_equal(frames_of(list(over_index)), frames_of(list(over_files)))
 
 
 def test_shuffling_is_deterministic_and_per_epoch(output):

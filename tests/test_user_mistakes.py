@@ -214,7 +214,12 @@ def test_wrong_paths_answer_in_one_line(done_output, corpus, tiny_model_path, tm
         (["decode", nope + ".npz", str(tmp_path / "x.wav")], "not a readable .npz"),
         (["decode", str(a_file), str(tmp_path / "x.wav"), "--id", "a"], "is a file"),
         (["sample-corpus", str(a_file)], "not a folder"),
+        (["plan", "--input", nope, "--output", str(tmp_path / "new")], "cannot use input"),
+        (["plan", "--input", str(corpus), "--output", str(a_file)], "is a file"),
+        (["plan", "--input", str(corpus), "--output", str(not_json)], "not made by mimi-tokenize"),
+        (["plan", "--input", str(corpus), "--output", out, "--files-per-shard", "3"], "started with other settings"),
     ]
+    before = snapshot(done_output[0])
     for command in ("status", "report", "export", "publish"):
         extra = {"export": [str(tmp_path / "flat")], "publish": ["--repo", "org/name", "--dry-run"]}.get(command, [])
         cases += [([command, nope, *extra], "not found"), ([command, str(a_file), *extra], "is a file"),
@@ -223,7 +228,8 @@ def test_wrong_paths_answer_in_one_line(done_output, corpus, tiny_model_path, tm
     for argv, expected in cases:
         assert main(argv) == 2, argv
         assert expected in one_line_error(capsys), argv
-    assert not (tmp_path / "flat").exists()
+    assert not (tmp_path / "flat").exists() and not (tmp_path / "new").exists()
+    assert snapshot(done_output[0]) == before
 
 
 def test_wrong_output_path_from_the_command_line(corpus, tiny_model_path, tmp_path):

@@ -12,9 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage
+from pipeline.signals import Signals
 from pipeline.types import SAMPLE_RATE, ClipInfo, EncodedClip
 from pipeline.writer import SCHEMA_VERSION, codes_type, read_codes, write_shard
 
+SIGNALS = ["pcm_hash", "fingerprint", "loudness_lufs", "peak_dbfs", "clipping_share", "silence_share", "bandwidth_hz",
+           "speech_share"]
 FILE_METADATA = {"model_source": "kyutai/mimi", "weights_sha256": "ab" * 32, "frame_rate": "12.5"}
 
 
@@ -26,7 +29,8 @@ def make_clips(num_codebooks: int, frames: list[int], seed: int = 0) -> tuple[li
         codes.append(rng.integers(0, 2048, size=(num_codebooks, f), dtype=np.int64))
         info = ClipInfo(i, f"clip-{i}", f"s3://in/clip-{i}.flac", orig_sample_rate=44_100 if i % 2 else 16_000,
                         orig_channels=1 + i % 2)
-        rows.append(EncodedClip(info, codes[-1], f * 1920))
+        signals = Signals(bytes([i]) * 16, b"fp" * i, -20.0 - i, -1.5, 0.0, 0.25, 7000.0 + i, None) if i % 2 else None
+        rows.append(EncodedClip(info, codes[-1], f * 1920, signals))
     return rows, codes
 
 
@@ -51,12 +55,13 @@ def test_round_trip_pyarrow(tmp_path, num_codebooks):
     table = pq.read_table(url)
     schema = table.schema
     assert schema.names == ["id", "source_uri", "codes", "n_frames", "duration_s", "orig_sample_rate",
-                            "orig_channels"]
+                            "orig_channels", *SIGNALS]
     codes_t = schema.field("codes").type
     assert pa.types.is_list(codes_t) and pa.types.is_fixed_size_list(codes_t.value_type)
     assert codes_t.value_type.list_size == num_codebooks and codes_t.value_type.value_type == pa.int16()
     assert codes_t == codes_type(num_codebooks)
-    assert [schema.field(n).type for n in schema.names[3:]] == [pa.int32(), pa.float64(), pa.int32(), pa.int16()]
+    assert [schema.field(n).type for n in schema.names[3:]] == [pa.int32(), pa.float64(), pa.int32(), pa.int16(),
+                                                                pa.binary(16), pa.binary(), *[pa.float32()] * 6]
     meta = {k.decode(): v.decode() for k, v in schema.metadata.items()}
     assert meta.items() >= {**FILE_METADATA, "schema_version": str(SCHEMA_VERSION),
                             "num_codebooks": str(num_codebooks)}.items()
@@ -68,6 +73,9 @@ def test_round_trip_pyarrow(tmp_path, num_codebooks):
     assert table.column("duration_s").to_pylist() == [c.duration_s for c in clips]
     assert table.column("orig_sample_rate").to_pylist() == [c.info.orig_sample_rate for c in clips]
     assert table.column("orig_channels").to_pylist() == [c.info.orig_channels for c in clips]
+    assert table.column("pcm_hash").to_pylist() == [None, b"\x01" * 16, None, b"\x03" * 16, None]
+    assert table.column("loudness_lufs").to_pylist() == [None, -21.0, None, -23.0, None]
+    assert table.column("speech_share").null_count == 5
     for i, c in enumerate(codes):
         got = read_codes(table, i)
         assert got.dtype == np.int16 and got.shape == (frames[i], num_codebooks)
@@ -106,10 +114,11 @@ def test_round_trip_datasets(tmp_path):
     ds = datasets.load_dataset("parquet", data_files=paths, split="train", cache_dir=str(tmp_path / "hf"))
     assert ds.num_rows == 6
     assert ds.column_names == ["id", "source_uri", "codes", "n_frames", "duration_s", "orig_sample_rate",
-                               "orig_channels", "speaker", "lang"]
+                               "orig_channels", *SIGNALS, "speaker", "lang"]
     for i, row in enumerate(ds):
         np.testing.assert_array_equal(read_codes(row).reshape(-1, 8), codes[i % 3].T)
         assert row["n_frames"] == codes[i % 3].shape[1] and row["speaker"] == f"spk{i % 3}"
+        assert row["pcm_hash"] == (b"\x01" * 16 if i % 3 == 1 else None)
     assert ds.data.table.schema.field("codes").type == codes_type(8)
 
 
@@ -122,7 +131,7 @@ def test_metadata_columns(tmp_path):
     url = str(tmp_path / "s.parquet")
     write_shard(url, clips, num_codebooks=2, file_metadata={})
     table = pq.read_table(url)
-    assert table.schema.names[7:] == ["speaker", "tags", "mixed", "meta_id", "score", "empty"]
+    assert table.schema.names[15:] == ["speaker", "tags", "mixed", "meta_id", "score", "empty"]
     assert table.column("speaker").to_pylist() == ["a", None, "c", None]
     assert pa.types.is_struct(table.schema.field("tags").type)
     assert table.column("tags").to_pylist()[0] == {"x": 1, "y": [1, 2]}

@@ -78,6 +78,7 @@ def with_versions(members: list[Member], storage_options: dict | None) -> list[M
             else:
                 fs.invalidate_cache(path)
                 infos = retry.call(fs.ls, path, detail=True, what=f"list {folder}")
+                fs.invalidate_cache(path)  # the run keeps no listing cache (a million rows: thousands of folders)
         except (FileNotFoundError, NotADirectoryError):
             return {}
         found = {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -29,6 +30,7 @@ from pipeline.sources.common import (ClipItem, container_failure, fetch_clip, ge
 from pipeline.types import ClipFailure, ClipSource, Shard
 
 BATCH_ROWS = 64
+FOOTER_THREADS = 16  # footers read at once
 
 
 def iter_clips(shard: Shard, storage_options: dict, only: int | None = None) -> Iterator[ClipItem]:
@@ -84,37 +86,55 @@ def list_items(shard: Shard, storage_options: dict) -> list[tuple[str, str]]:
     return [(clip_id, f"{shard.uri}#{i}") for i, clip_id in enumerate(_ids(prefix, [a and a["path"] for a in paths]))]
 
 
-def metadata_schema(shards: list[Shard], storage_options: dict) -> pa.Schema:
-    """The non-audio columns of the Parquet inputs, one type each (decided before encoding, from the footers); a
-    column two files type incompatibly is a :class:`pipeline.schema.MetadataSchemaError`. An unreadable file is
-    skipped here (it becomes a read failure when its shard is decoded)."""
-    def footer(shard: Shard) -> tuple[Shard, pa.Schema | None]:
-        fs, path = get_fs(shard.uri, storage_options)
-        try:
-            with open_stream(fs, path, shard.size, f"read {shard.uri}") as raw:
-                schema = pq.read_schema(raw)
-            audio = audio_column_of(schema)
-        except Exception as exc:
-            if retry.is_transient(exc):
-                raise
-            return shard, None
-        return shard, pa.schema([f.remove_metadata() for f in schema if f.name != audio])
+@dataclass(frozen=True)
+class Footer:
+    """What the planner reads from a Parquet input's footer: its rows, and its non-audio columns (no field
+    metadata)."""
 
+    rows: int
+    schema: pa.Schema
+
+
+def read_footer(shard: Shard, storage_options: dict) -> Footer | None:
+    """The footer of the shard's Parquet file; None for a file whose footer or Audio column cannot be read (it
+    becomes a failure when its shard is decoded). Transient errors are raised."""
+    fs, path = get_fs(shard.uri, storage_options)
+    try:
+        with open_stream(fs, path, shard.size, f"read {shard.uri}") as raw:
+            metadata = pq.read_metadata(raw)
+        schema = metadata.schema.to_arrow_schema()
+        audio = audio_column_of(schema)
+    except Exception as exc:
+        if retry.is_transient(exc):
+            raise
+        return None
+    return Footer(metadata.num_rows, pa.schema([f.remove_metadata() for f in schema if f.name != audio]))
+
+
+def read_footers(shards: list[Shard], storage_options: dict) -> list[Footer | None]:
+    """:func:`read_footer` of each shard, :data:`FOOTER_THREADS` at once."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=FOOTER_THREADS) as pool:
+        return list(pool.map(lambda shard: read_footer(shard, storage_options), shards))
+
+
+def metadata_schema(footers: dict[str, Footer | None]) -> pa.Schema:
+    """The non-audio columns of the Parquet inputs (``{uri: footer}``), one type each (decided before encoding); a
+    column two files type incompatibly is a :class:`pipeline.schema.MetadataSchemaError`. An unreadable file (None)
+    is skipped here."""
     fields: dict[str, tuple[pa.Field, str]] = {}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
-        for shard, schema in pool.map(footer, shards):
-            for field in schema or []:
-                if field.name not in fields:
-                    fields[field.name] = (field, shard.uri)
-                    continue
-                known, where = fields[field.name]
-                try:
-                    merged = pa.unify_schemas([pa.schema([known]), pa.schema([field])], promote_options="permissive")
-                except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-                    raise MetadataSchemaError(
-                        f"column {field.name!r} is {known.type} in {where} but {field.type} in {shard.uri}; give it "
-                        f"one type in every input file ({exc})") from exc
-                fields[field.name] = (merged.field(0), where)
+    for uri, footer in footers.items():
+        for field in footer.schema if footer is not None else []:
+            if field.name not in fields:
+                fields[field.name] = (field, uri)
+                continue
+            known, where = fields[field.name]
+            try:
+                merged = pa.unify_schemas([pa.schema([known]), pa.schema([field])], promote_options="permissive")
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                raise MetadataSchemaError(
+                    f"column {field.name!r} is {known.type} in {where} but {field.type} in {uri}; give it "
+                    f"one type in every input file ({exc})") from exc
+            fields[field.name] = (merged.field(0), where)
     return pa.schema([field for field, _ in fields.values()])
 
 
