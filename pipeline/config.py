@@ -54,6 +54,7 @@ class RunConfig:
     output_storage_options: dict[str, Any] | None = None  # for the output only (default: storage_options)
     ray_address: str | None = None  # Ray cluster to join ("auto", "ray://host:10001"); None: start a local one
     progress_interval_s: float = 30.0  # seconds between progress logs / manifest.json updates
+    checkpoint_every: int = 10_000  # fold the shard records into a checkpoint every this many new ones (and at the end)
     lock_wait_s: float = 0.0  # wait this long for another run's lock to be released or go stale; 0: refuse at once
     lock_lease_s: float = 120.0  # the output lock's lease: renewed every quarter of it; a run stops writing when it
     # could not renew it for three quarters of it, and another run may take a lock not renewed for all of it
@@ -90,6 +91,7 @@ class RunConfig:
             (0 <= self.shard_retries <= 10, f"shard_retries must be in [0, 10], got {self.shard_retries}"),
             (0 <= self.max_failure_share <= 1, f"max_failure_share must be in [0, 1], got {self.max_failure_share}"),
             (self.progress_interval_s > 0, f"progress_interval_s must be > 0, got {self.progress_interval_s}"),
+            (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
             (self.lock_wait_s >= 0, f"lock_wait_s must be >= 0, got {self.lock_wait_s}"),
             (self.lock_lease_s >= 4, f"lock_lease_s must be >= 4, got {self.lock_lease_s}"),
             (self.max_shard_bytes is None or self.max_shard_bytes >= 1,

@@ -24,6 +24,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import metadata
@@ -32,7 +33,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import index, storage
+from pipeline import index, ledger, storage
 from pipeline import schema as output_schema
 from pipeline.lock import LOCK_PATH
 from pipeline.types import ClipFailure, Shard
@@ -176,7 +177,8 @@ def write_record(output_url: str, shard: Shard, result: ShardWriteResult, failur
 
 def load_records(output_url: str, storage_options: dict[str, Any] | None = None, *, check_order: bool = False
                  ) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
-    """Every record by shard id, and the data files by name with their sizes.
+    """Every record by shard id, and the data files by name with their sizes. The records come from the newest
+    checkpoint where it holds them as listed now, the others from their files (:mod:`pipeline.ledger`).
 
     ``check_order`` (a run's plan and its final manifest): a record that a run whose lock was taken over may have
     written late is left out, as if it had never been written (its file is then stale, and redone): one written
@@ -185,7 +187,7 @@ def load_records(output_url: str, storage_options: dict[str, Any] | None = None,
     modification times: there, the shards of runs that were taken over are redone once."""
     state, data = storage.join(output_url, SHARDS_STATE_DIR), storage.join(output_url, DATA_DIR)
     listed = storage.list_files_dated(state, storage_options)
-    records = storage.read_json_files(state, storage_options, [n for n in listed if n.endswith(".json")])
+    records = ledger.load(output_url, state, listed, storage_options)
     files = storage.list_files_dated(data, storage_options)
     try:
         history = storage.read_json(storage.join(output_url, LOCK_PATH), storage_options).get("history", [])
@@ -193,14 +195,21 @@ def load_records(output_url: str, storage_options: dict[str, Any] | None = None,
         history = []
     valid = {}
     for name, record in records.items():
-        why = check_order and _out_of_order(record, listed[name][1],
-                                            files.get(record["file"].rsplit("/", 1)[-1], (0, None))[1], history)
+        data_file = files.get(record["file"].rsplit("/", 1)[-1])
+        why = check_order and _out_of_order(record, listed[name].modified, data_file and data_file.modified, history)
         if why:
             log.warning("shard %s: its record is not trusted (%s); the shard will be redone",
                         record["shard"]["shard_id"], why)
             continue
         valid[record["shard"]["shard_id"]] = record
-    return valid, {name: size for name, (size, _) in files.items()}
+    return valid, {name: entry.size for name, entry in files.items()}
+
+
+def fold_records(output_url: str, storage_options: dict[str, Any] | None = None,
+                 writing: Callable[[], AbstractContextManager] | None = None) -> int | None:
+    """Fold the records into a new checkpoint for :func:`load_records`, inside ``writing()`` (the run's fence):
+    :func:`pipeline.ledger.compact`."""
+    return ledger.compact(output_url, storage.join(output_url, SHARDS_STATE_DIR), storage_options, writing)
 
 
 def _out_of_order(record: dict[str, Any], record_time: float | None, file_time: float | None,

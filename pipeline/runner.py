@@ -28,7 +28,7 @@ import pyarrow as pa
 import ray
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline import index, manifest, retry, signals, state, storage
+from pipeline import index, ledger, manifest, retry, signals, state, storage
 from pipeline import schema as output_schema
 from pipeline.commit import Output
 from pipeline.config import RunConfig
@@ -384,20 +384,26 @@ def run(cfg: RunConfig) -> int:
     lock = RunLock(cfg.output, run_id=uuid.uuid4().hex[:12], storage_options=options, lease_s=cfg.lock_lease_s)
     lock.acquire(wait_s=cfg.lock_wait_s)
     lock.start_heartbeat()
+    compactor = None
     try:
         run_record = _init_run(cfg, model_files)
         shards = list_shards(cfg)
         lock.check()
         schema = _decide_schema(cfg, shards)
         output = Output(cfg.output, cfg.num_codebooks, model_files.file_metadata(), options, lock.fence())
+        compactor = ledger.Compactor(lambda: manifest.fold_records(cfg.output, options, output.writing),
+                                     cfg.checkpoint_every)
         plan = plan_run(cfg, shards, output.read_ids)
         for warning in plan.warnings:
             log.warning("%s", warning)
         _log_plan(cfg, plan)
         final = _finished_manifest(cfg, plan)
         if final is None:
-            final = _work(cfg, plan, model_files, output, schema, run_record, lock, session_start)
+            final = _work(cfg, plan, model_files, output, schema, run_record, lock, session_start, compactor)
+        compactor.finish()  # the next run reads the checkpoint, not every record
     finally:
+        if compactor is not None:
+            compactor.finish(fold=False)
         try:
             lock.release()
         except OSError as exc:  # the store is down: the lock goes stale on its own (its heartbeat has stopped)
@@ -407,7 +413,8 @@ def run(cfg: RunConfig) -> int:
 
 
 def _work(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, schema: pa.Schema | None,
-          run_record: dict[str, Any], lock: RunLock, session_start: float) -> dict[str, Any]:
+          run_record: dict[str, Any], lock: RunLock, session_start: float, compactor: ledger.Compactor
+          ) -> dict[str, Any]:
     """Retire, encode and unify on Ray; return the final manifest (written)."""
     options = cfg.output_options()
     counters = Progress(_build_manifest(cfg, run_record, plan, {**plan.retained, **plan.done}, session_start),
@@ -426,6 +433,10 @@ def _work(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, s
         lock.check()
         progress()
 
+    def committed(record: dict[str, Any]) -> None:
+        counters.add(record)
+        compactor.added()
+
     report()  # `status` sees the listing and the plan from the start (the session's index)
     unwritable: retry.OutputUnwritable | None = None  # the run stops; what is committed is kept
     with writer, _ray_session(cfg):  # the writer stops before the final manifest: no progress write lands after it
@@ -435,7 +446,7 @@ def _work(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, s
         if errors:  # encoding now could write a clip that a stale file still holds: stop here
             log.error("%d stale file(s) could not be retired; nothing is encoded this run", len(errors))
         elif plan.pending:
-            errors, unwritable = _encode(cfg, plan, model_files, output, schema, counters.add, periodic)
+            errors, unwritable = _encode(cfg, plan, model_files, output, schema, committed, periodic)
         records = manifest.load_done(cfg.output, options, check_order=True)  # what storage holds now: the truth
         if unwritable is None:
             errors.update(_unify_schema(cfg, output, records, periodic))

@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -200,21 +200,63 @@ def list_files(url: str, storage_options: dict[str, Any] | None = None) -> dict[
 
     Hidden files (temporaries of :func:`atomic_output`) are left out.
     """
-    return {name: size for name, (size, _) in list_files_dated(url, storage_options).items()}
+    return {name: listed.size for name, listed in list_files_dated(url, storage_options).items()}
 
 
-def list_files_dated(url: str, storage_options: dict[str, Any] | None = None
-                     ) -> dict[str, tuple[int, float | None]]:
-    """Like :func:`list_files`, with each file's modification time by the store's clock (None where unknown)."""
+class Listed(NamedTuple):
+    """A file as a listing gives it: size, modification time by the store's clock (None where unknown), and a
+    version token that changes whenever the object is rewritten (None where the store gives none)."""
+
+    size: int
+    modified: float | None
+    version: str | None
+
+
+def list_files_dated(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Listed]:
+    """Like :func:`list_files`, with each file's modification time and version (:class:`Listed`).
+
+    Versions: the ETag (S3, Azure) or generation (GCS); on local disk the inode, size and modification time in ns
+    (a rewrite is a new file renamed over the old one: a new inode, while the old one still exists). The listing is
+    not left in fsspec's directory cache."""
     fs, path = get_fs(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        return retry.call(_scan_local, path, what=f"list {url}")
     fs.invalidate_cache(path)
     try:
         entries = retry.call(fs.ls, path, detail=True, what=f"list {url}")
     except FileNotFoundError:
         return {}
-    files = {posixpath.basename(e["name"].rstrip("/")): (int(e["size"]), _modified(e))
+    finally:
+        fs.invalidate_cache(path)
+    files = {posixpath.basename(e["name"].rstrip("/")): Listed(int(e["size"]), _modified(e), _version(e))
              for e in entries if e["type"] == "file"}
     return {name: value for name, value in files.items() if not name.startswith(".")}
+
+
+def _scan_local(path: str) -> dict[str, Listed]:
+    found = {}
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.is_file():
+                    continue
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:  # deleted since listed
+                    continue
+                found[entry.name] = Listed(st.st_size, st.st_mtime,
+                                           f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}")
+    except FileNotFoundError:
+        return {}
+    return found
+
+
+def _version(info: dict[str, Any]) -> str | None:
+    """The version token an object store's listing gives (None where it gives none)."""
+    for key in ("ETag", "etag", "generation"):
+        if info.get(key) not in (None, ""):
+            return str(info[key])
+    return None
 
 
 def _modified(info: dict[str, Any]) -> float | None:

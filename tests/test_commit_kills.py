@@ -1,8 +1,9 @@
 """SIGKILL at every commit step. A run over a changed listing (so that it retires stale files as well as encoding
 shards) on S3 behind a proxy that kills the run's whole process group the moment the store has done a given request
 and before the run hears back: after taking the lock, after rewriting or deleting a stale file, after a shard's data
-file, after its done record, after a manifest update. After every kill no clip id is in two files; the next run
-completes the output, and with --prune it equals a clean run over the new listing, file for file."""
+file, after its done record, after a manifest update, after a checkpoint of the records (folded after every record
+here). After every kill no clip id is in two files; the next run completes the output, and with --prune it equals a
+clean run over the new listing, file for file."""
 
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ def test_kills_at_every_commit_step(tmp_path, s3_server, s3_url, fault_proxy, ti
         config = tmp_path / f"run-{len(list(tmp_path.glob('run-*.yaml')))}.yaml"
         config.write_text(yaml.safe_dump({"input": f"{s3_url}/in", "output": out, "model": tiny_model_path,
                                           "files_per_shard": FILES_PER_SHARD, "device": "cpu",
-                                          "storage_options": options, "max_failure_share": 0.0, **extra}))
+                                          "storage_options": options, "max_failure_share": 0.0,
+                                          "checkpoint_every": 1, **extra}))  # a fold after every record
         return [sys.executable, "-m", "pipeline.cli", "run", "--config", str(config)]
 
     out = f"{s3_url}/out"
@@ -101,7 +103,8 @@ def test_kills_at_every_commit_step(tmp_path, s3_server, s3_url, fault_proxy, ti
     kept = {"spk0/utt02.wav", "spk1/utt07.wav"}
 
     steps = [("PUT", "/_state/lock.json", 1), ("DELETE", "/data/", 1), ("PUT", "/data/", 1),
-             ("PUT", "/_state/shards/", 1), ("PUT", "/data/", 2), ("PUT", "/manifest.json", 1)]
+             ("PUT", "/_state/shards/", 1), ("PUT", "/data/", 2), ("PUT", "/manifest.json", 1),
+             ("PUT", "/_state/checkpoints/", 1)]
     killed = []
     for method, part, nth in steps:
         proc = subprocess.Popen(command(out), start_new_session=True, stdout=subprocess.DEVNULL,

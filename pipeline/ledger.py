@@ -1,0 +1,238 @@
+"""Per-shard records folded into Parquet checkpoints, so that a plan reads a few objects plus listing pages, not one
+object per shard.
+
+The records ``_state/shards/{shard_id}.json`` (:mod:`pipeline.manifest`) stay the unit of commit. A checkpoint
+``_state/checkpoints/{seq:012d}.parquet`` is a cache of them, as Delta Lake folds its JSON log into Parquet: one row
+per record file with its ``name``, the ``version`` its listing gave before it was read (ETag on S3; inode, size and
+times in ns on local disk: :func:`pipeline.storage.list_files_dated`), the ``record`` as compact JSON, and its
+``schema`` (JSON, in a column of its own, so that the records of one output share one parsed copy). A reader takes a
+record from the newest readable checkpoint only where the listing still gives its file the same version, reads the
+others, and ignores the rows of files no longer listed, so correctness never depends on a checkpoint: a damaged or
+missing one costs reads, not results. Checkpoints are written atomically under the run's fence; the newest
+:data:`KEEP` are kept.
+
+Folded record files are not deleted: listing them is what tells a reader that a record was deleted (a retired
+shard), rewritten (by this run, or late by a run whose lock was taken over: ``check_order`` dates it by its
+listing), or written after the checkpoint. Deleting them would need tombstones and an order of writes that object
+stores cannot give without a sequencer; listing costs one request per 1,000 records.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import retry, storage
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "_state/checkpoints"
+KEEP = 2  # checkpoints kept: the newest, and the one before it (a reader that listed just before a new one landed)
+ROW_GROUP = 50_000  # rows per row group and per batch read (bounds the memory of reading one)
+COLUMNS = pa.schema([("name", pa.string()), ("version", pa.string()), ("record", pa.string()),
+                     ("schema", pa.string())])
+_NAME = re.compile(r"\d{12}\.parquet")
+
+
+def checkpoint_url(output_url: str, seq: int) -> str:
+    return storage.join(output_url, CHECKPOINT_DIR, f"{seq:012d}.parquet")
+
+
+def checkpoints(output_url: str, storage_options: dict[str, Any] | None = None) -> list[int]:
+    """The sequence numbers of the output's checkpoints, newest first."""
+    listed = storage.list_files(storage.join(output_url, CHECKPOINT_DIR), storage_options)
+    return sorted((int(name.removesuffix(".parquet")) for name in listed if _NAME.fullmatch(name)), reverse=True)
+
+
+def _keys(names: pa.Array | list[str], versions: pa.Array | list[str]) -> pa.Array:
+    return pc.binary_join_element_wise(pa.array(names, pa.string()), pa.array(versions, pa.string()), "\x00")
+
+
+def _listed_keys(listed: dict[str, storage.Listed]) -> pa.Array:
+    """``name \\0 version`` of each record file the store gives a version for (the others are always read)."""
+    names = [n for n, entry in listed.items() if n.endswith(".json") and entry.version is not None]
+    return _keys(names, [listed[n].version for n in names])
+
+
+def _scan(url: str, storage_options: dict[str, Any] | None, wanted: pa.Array,
+          take: Callable[[pa.RecordBatch], None]) -> None:
+    """Pass each batch of the checkpoint at ``url``, cut to the rows whose key is in ``wanted``, to ``take``."""
+    fs, path = storage.get_fs(url, storage_options)
+    with fs.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        if not parquet.schema_arrow.equals(COLUMNS):
+            raise ValueError(f"not a checkpoint (columns {parquet.schema_arrow.names})")
+        for batch in parquet.iter_batches(batch_size=ROW_GROUP):
+            take(batch.filter(pc.is_in(_keys(batch.column("name"), batch.column("version")), value_set=wanted)))
+
+
+def _parse(url: str, storage_options: dict[str, Any] | None, wanted: pa.Array) -> dict[str, dict[str, Any]]:
+    records: dict[str, dict[str, Any]] = {}
+    schemas: dict[str, Any] = {}
+
+    def take(batch: pa.RecordBatch) -> None:
+        encoded = pc.dictionary_encode(batch.column("schema"))
+        shared = [schemas.setdefault(text, json.loads(text)) for text in encoded.dictionary.to_pylist()]
+        names, indices = batch.column("name").to_pylist(), encoded.indices.to_pylist()
+        parsed = json.loads("[" + ",".join(batch.column("record").to_pylist()) + "]")  # one call: faster than many
+        for name, record, index in zip(names, parsed, indices):
+            records[name] = record
+            if index is not None:
+                record["schema"] = shared[index]
+
+    _scan(url, storage_options, wanted, take)
+    return records
+
+
+def _share_schemas(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``records`` with equal ``schema`` values made one object (they are read, never changed in place)."""
+    shared: dict[str, Any] = {}
+    for record in records.values():
+        if record.get("schema") is not None:
+            record["schema"] = shared.setdefault(json.dumps(record["schema"], sort_keys=True), record["schema"])
+    return records
+
+
+def _shared_keys(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with its keys (and its shard's) one string each across records (each ``json.loads`` makes its
+    own: about 1.2 KB a record)."""
+    if isinstance(record.get("shard"), dict):
+        record["shard"] = {sys.intern(k): v for k, v in record["shard"].items()}
+    return {sys.intern(k): v for k, v in record.items()}
+
+
+def _intern(record: dict[str, Any]) -> None:
+    """Make the values that many records repeat (status, kind, times by the second, run id) one string each."""
+    for owner, key in ((record, "status"), (record, "started"), (record, "finished"), (record, "run_id"),
+                       (record.get("shard") or {}, "kind")):
+        if isinstance(owner.get(key), str):
+            owner[key] = sys.intern(owner[key])
+
+
+def load(output_url: str, state_url: str, listed: dict[str, storage.Listed],
+         storage_options: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """The records of the files ``listed`` in the folder ``state_url`` (``*.json``), parsed, by file name: from the
+    newest readable checkpoint where it holds the file's listed version, else read from the store."""
+    wanted, records = _listed_keys(listed), {}
+    if len(wanted):
+        for seq in checkpoints(output_url, storage_options):
+            url = checkpoint_url(output_url, seq)
+            try:
+                records = retry.call(_parse, url, storage_options, wanted, what=f"read {url}")
+                break
+            except Exception as exc:  # a cache: a checkpoint that cannot be read costs reads, not results
+                log.warning("checkpoint %s cannot be read (%s); the records it holds are read one by one",
+                            url, retry.brief(exc))
+    missing = [n for n in listed if n.endswith(".json") and n not in records]
+    fetched = _share_schemas(storage.read_json_files(state_url, storage_options, missing))
+    records.update((name, _shared_keys(record)) for name, record in fetched.items())
+    ordered = {name: records[name] for name in listed if name in records}  # in the listing's order
+    for record in ordered.values():
+        _intern(record)
+    return ordered
+
+
+def _row(name: str, version: str, record: dict[str, Any]) -> dict[str, Any]:
+    schema = record.get("schema")
+    body = {**record, "schema": None} if schema is not None else record
+    return {"name": name, "version": version, "record": json.dumps(body, separators=(",", ":")),
+            "schema": None if schema is None else json.dumps(schema, separators=(",", ":"))}
+
+
+def compact(output_url: str, state_url: str, storage_options: dict[str, Any] | None = None,
+            writing: Callable[[], AbstractContextManager] | None = None) -> int | None:
+    """Fold the records now in the folder ``state_url`` into a new checkpoint, unless the newest one holds exactly
+    them; then delete all but the newest :data:`KEEP`. Writes and deletions run inside ``writing()`` (the run's
+    fence). Returns the new checkpoint's sequence number, or None when nothing changed."""
+    listed = storage.list_files_dated(state_url, storage_options)
+    wanted = _listed_keys(listed)
+    seqs = checkpoints(output_url, storage_options)
+    for base in [*seqs[:1], None]:
+        try:
+            seq = _fold(output_url, state_url, storage_options, writing, listed, wanted, base, seqs)
+        except Exception as exc:
+            if base is None:
+                raise
+            log.warning("checkpoint %s cannot be read (%s); folding the records without it",
+                        checkpoint_url(output_url, base), retry.brief(exc))
+            continue
+        if seq is not None:
+            with (writing or nullcontext)():
+                for old in seqs[KEEP - 1:]:
+                    storage.remove(checkpoint_url(output_url, old), storage_options)
+        return seq
+    return None
+
+
+def _fold(output_url: str, state_url: str, storage_options: dict[str, Any] | None,
+          writing: Callable[[], AbstractContextManager] | None, listed: dict[str, storage.Listed],
+          wanted: pa.Array, base: int | None, seqs: list[int]) -> int | None:
+    held = pa.array([], pa.string())
+    if base is None and not len(wanted):
+        return None  # no records, no checkpoint
+    if base is not None:
+        url = checkpoint_url(output_url, base)
+        fs, path = storage.get_fs(url, storage_options)
+        table = retry.call(pq.read_table, path, columns=["name", "version"], filesystem=fs, what=f"read {url}")
+        all_keys = _keys(table.column("name").combine_chunks(), table.column("version").combine_chunks())
+        held = all_keys.filter(pc.is_in(all_keys, value_set=wanted))
+        if len(held) == len(all_keys) == len(wanted):
+            return None  # the newest checkpoint holds exactly the records listed now
+    new_keys = wanted.filter(pc.invert(pc.is_in(wanted, value_set=held)))
+    names = [key.split("\x00", 1)[0] for key in new_keys.to_pylist()]
+    read = storage.read_json_files(state_url, storage_options, names)
+    rows = [_row(name, listed[name].version, record) for name, record in read.items()]
+    seq = (seqs[0] if seqs else 0) + 1
+    url = checkpoint_url(output_url, seq)
+    with (writing or nullcontext)():
+        with storage.atomic_output(url, storage_options) as tmp:
+            with pq.ParquetWriter(tmp, COLUMNS, compression="zstd") as writer:
+                if base is not None:
+                    _scan(checkpoint_url(output_url, base), storage_options, held,
+                          lambda batch: batch.num_rows and writer.write_batch(batch, row_group_size=ROW_GROUP))
+                if rows:
+                    writer.write_table(pa.Table.from_pylist(rows, COLUMNS), row_group_size=ROW_GROUP)
+    log.info("folded %d record(s) into checkpoint %s (%d new)", len(held) + len(rows), url, len(rows))
+    return seq
+
+
+class Compactor:
+    """Runs ``fold`` (:func:`compact` on the output) every ``every`` new records, in a background thread (one fold at
+    a time, so the scheduler's loop never waits for one), and once more when the run ends (:meth:`finish`)."""
+
+    def __init__(self, fold: Callable[[], object], every: int):
+        self.fold, self.every, self.count = fold, every, 0
+        self.thread: threading.Thread | None = None
+
+    def added(self, n: int = 1) -> None:
+        """Count ``n`` new records; start a fold in the background once ``every`` have come since the last."""
+        self.count += n
+        if self.count >= self.every and not (self.thread and self.thread.is_alive()):
+            self.count = 0
+            self.thread = threading.Thread(target=self._fold, name="ledger-fold", daemon=True)
+            self.thread.start()
+
+    def finish(self, fold: bool = True) -> None:
+        """Wait for a fold in progress; then fold what is there now (``fold``)."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if fold:
+            self._fold()
+
+    def _fold(self) -> None:
+        try:
+            self.fold()
+        except Exception as exc:  # a cache: the next run reads the records it lacks one by one
+            log.warning("could not fold the records into a checkpoint (%s); the next plan reads them one by one",
+                        retry.brief(exc))
