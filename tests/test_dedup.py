@@ -18,6 +18,7 @@ from pipeline import matching, storage
 from pipeline.cli import main
 from pipeline.export import export
 from pipeline.loader import MimiCodes
+from pipeline.signals import Signals
 from pipeline.types import ClipInfo, EncodedClip, Shard
 from pipeline.writer import write_shard
 from tests.planted import TRANSFORMS, Planted, evaluate, planted_corpus
@@ -106,10 +107,10 @@ def _fabricate(root: str, clips: list[tuple[str, np.ndarray, float]]) -> None:
     shards, done = [], {}
     for s, part in enumerate((clips[::2], clips[1::2])):
         shard = Shard(f"files-{s:04d}", "files", "/in", "/in", f"digest{s}")
-        rows = [EncodedClip(ClipInfo(i, name, f"/in/{name}", RATE, 1, {
-            "pcm_hash": xxhash.xxh3_128_digest(audio.tobytes()), "fingerprint": fpm.fingerprint(audio),
-            "bandwidth_hz": bandwidth}), np.full((2, -(-len(audio) // 1920)), i, np.int16), len(audio))
-            for i, (name, audio, bandwidth) in enumerate(part)]
+        rows = [EncodedClip(ClipInfo(i, name, f"/in/{name}", RATE, 1),
+                            np.full((2, -(-len(audio) // 1920)), i, np.int16), len(audio), Signals(xxhash.xxh3_128_digest(audio.tobytes()), fpm.fingerprint(audio),
+                                                None, None, None, None, bandwidth))
+                for i, (name, audio, bandwidth) in enumerate(part)]
         result = write_shard(storage.join(root, mf.shard_file(shard.shard_id)), rows, num_codebooks=2,
                              file_metadata={})
         done[shard.shard_id] = mf.write_record(root, shard, result, [], started=time.time() - 1,

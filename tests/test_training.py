@@ -100,7 +100,7 @@ def test_interrupted_export_leaves_nothing_that_looks_complete(output, tmp_path,
     export(str(output), dest)
     calls = []
 
-    def broken(parquet, **kwargs):
+    def broken(parquet, *args, **kwargs):
         calls.append(1)
         if len(calls) > 2:
             raise OSError("disk full")
