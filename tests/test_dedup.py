@@ -108,8 +108,9 @@ def _fabricate(root: str, clips: list[tuple[str, np.ndarray, float]]) -> None:
     for s, part in enumerate((clips[::2], clips[1::2])):
         shard = Shard(f"files-{s:04d}", "files", "/in", "/in", f"digest{s}")
         rows = [EncodedClip(ClipInfo(i, name, f"/in/{name}", RATE, 1),
-                            np.full((2, -(-len(audio) // 1920)), i, np.int16), len(audio), Signals(xxhash.xxh3_128_digest(audio.tobytes()), fpm.fingerprint(audio),
-                                                None, None, None, None, bandwidth))
+                            np.full((2, -(-len(audio) // 1920)), i, np.int16), len(audio),
+                            Signals(xxhash.xxh3_128_digest(audio.tobytes()), fpm.fingerprint(audio),
+                                    None, None, None, None, bandwidth))
                 for i, (name, audio, bandwidth) in enumerate(part)]
         result = write_shard(storage.join(root, mf.shard_file(shard.shard_id)), rows, num_codebooks=2,
                              file_metadata={})
