@@ -133,6 +133,8 @@ EXPECTED_ERRORS += (PublishError,)
          arg("--target-file-mb", type=float, default=500, metavar="MB",
              help="size of the packed Parquet files, in MiB (default 500; a shard bigger than that is a file alone)"),
          arg("--force", action="store_true", help="publish despite an incomplete run or too many failed clips"),
+         arg("--dedup", action="store_true", help="publish only the clips `mimi-tokenize dedup` keeps (one per "
+             "duplicate group), with its repeated segments' table; the card says what was left out"),
          arg("--staging", metavar="DIR", help="local folder to pack into, kept (default: a temporary one); a dry "
              "run leaves the packed files there, an upload deletes each once uploaded"),
          arg("--license", default="unknown", help="license id for the card (default unknown)"),
@@ -142,7 +144,8 @@ def publish_command(args: argparse.Namespace) -> int:
 
     return run_publish(args.output, args.repo, private=args.private, dry_run=args.dry_run, force=args.force,
                        staging=args.staging, license=args.license,
-                       storage_options=load_config(args.config).output_options(), target_file_mb=args.target_file_mb)
+                       storage_options=load_config(args.config).output_options(), target_file_mb=args.target_file_mb,
+                       dedup=args.dedup)
 
 
 from pipeline.export import ExportError  # noqa: E402 (with its subcommand)

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mimi.checkpoint import sha256_file
@@ -55,13 +56,16 @@ class PackedFile:
 @dataclass(frozen=True)
 class PackResult:
     """A written file: rows, in-memory Arrow bytes of its rows (what ``datasets`` counts when it reads them, give or
-    take a validity bitmap per chunk), size, sha256, and each shard's ``[start, stop)`` row range in it."""
+    take a validity bitmap per chunk), size, sha256, each shard's ``[start, stop)`` row range in it, and the frames
+    and seconds of audio of its rows."""
 
     rows: int
     arrow_bytes: int
     size: int
     sha256: str
     ranges: tuple[tuple[int, int], ...]
+    frames: int = 0
+    seconds: float = 0.0
 
 
 def packed_path(index: int, files_per_folder: int = FILES_PER_FOLDER) -> str:
@@ -117,39 +121,50 @@ def _read_shard(output_url: str, record: dict[str, Any], storage_options: dict[s
 
 
 def _shard_tables(output_url: str, packed: PackedFile, target: pa.Schema, ranges: list[tuple[int, int]],
-                  storage_options: dict[str, Any] | None) -> Iterator[pa.Table]:
-    """The rows of ``packed``'s shards, a source row group at a time, conformed to ``target``; fills ``ranges``."""
+                  storage_options: dict[str, Any] | None, keep: Callable[[dict[str, Any]], np.ndarray] | None
+                  ) -> Iterator[pa.Table]:
+    """The rows of ``packed``'s shards (those ``keep(record)`` selects, if given), a source row group at a time,
+    conformed to ``target``; fills ``ranges``."""
     start = 0
     for record in packed.records:
         parquet = _read_shard(output_url, record, storage_options)
-        rows = 0
+        mask = None if keep is None else keep(record)
+        rows = kept = 0
         for group in range(parquet.metadata.num_row_groups):
             table = parquet.read_row_group(group).replace_schema_metadata(None)
-            rows += table.num_rows
+            if mask is not None:
+                table = table.filter(mask[rows:rows + table.num_rows])
+            rows += parquet.metadata.row_group(group).num_rows
+            kept += table.num_rows
             yield schema.conform(table, metadata_schema(target), len(CORE_COLUMNS))
         if rows != record["rows"]:
             raise PackingError(f"{record['file']} holds {rows} rows, its done record {record['rows']}")
-        ranges.append((start, start + rows))
-        start += rows
+        ranges.append((start, start + kept))
+        start += kept
 
 
 def pack_file(output_url: str, packed: PackedFile, target: pa.Schema, dest: str | os.PathLike, *,
-              row_group_bytes: int = ROW_GROUP_BYTES, storage_options: dict[str, Any] | None = None) -> PackResult:
-    """Write ``packed`` to the local file ``dest`` (under a temporary name first) in the schema ``target``."""
+              row_group_bytes: int = ROW_GROUP_BYTES, storage_options: dict[str, Any] | None = None,
+              keep: Callable[[dict[str, Any]], np.ndarray] | None = None) -> PackResult:
+    """Write ``packed`` to the local file ``dest`` (under a temporary name first) in the schema ``target``; with
+    ``keep``, only the rows of each shard that ``keep(record)`` (bool per row) selects."""
     k = target.field("codes").type.value_type.list_size
     tmp = f"{dest}.tmp"
     ranges: list[tuple[int, int]] = []
     pending: list[pa.Table] = []
-    rows = arrow_bytes = 0
+    rows = arrow_bytes = frames = 0
+    seconds = 0.0
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     with pq.ParquetWriter(tmp, target, compression="zstd", use_dictionary=True, write_page_index=True) as writer:
         def write(table: pa.Table) -> None:
-            nonlocal rows, arrow_bytes
+            nonlocal rows, arrow_bytes, frames, seconds
             writer.write_table(table, row_group_size=table.num_rows)
             rows += table.num_rows
             arrow_bytes += table.nbytes
+            frames += pc.sum(table.column("n_frames")).as_py() or 0
+            seconds += pc.sum(table.column("duration_s")).as_py() or 0.0
 
-        for table in _shard_tables(output_url, packed, target, ranges, storage_options):
+        for table in _shard_tables(output_url, packed, target, ranges, storage_options, keep):
             buffered = pa.concat_tables([*pending, table])
             ends = np.cumsum(buffered.column("n_frames").to_numpy().astype(np.int64) * k * 2)
             start = 0
@@ -163,7 +178,7 @@ def pack_file(output_url: str, packed: PackedFile, target: pa.Schema, dest: str 
         if pending:
             write(pa.concat_tables(pending))
     os.replace(tmp, dest)
-    return PackResult(rows, arrow_bytes, os.path.getsize(dest), sha256_file(dest), tuple(ranges))
+    return PackResult(rows, arrow_bytes, os.path.getsize(dest), sha256_file(dest), tuple(ranges), frames, seconds)
 
 
 def mapping_table(files: list[PackedFile], results: list[PackResult]) -> pa.Table:

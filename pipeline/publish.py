@@ -43,12 +43,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
 from mimi.checkpoint import sha256_file
-from pipeline import index, manifest, packing, state, storage
+from pipeline import index, manifest, packing, retry, state, storage
 from pipeline.writer import CODEBOOK_SIZE, CORE_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 COMMIT_MAX_FILES = 100
 COMMIT_MAX_BYTES = 20 * 2**30
 MAX_REPO_FILES = 99_000  # the Hub's limit is 100,000 files per repo
+DEDUP_SEGMENTS = "_dedup/segments.parquet"  # with --dedup: the repeated segments' frame ranges (pipeline.dedup)
 
 
 class PublishError(RuntimeError):
@@ -185,7 +187,6 @@ def dataset_info_yaml(schema: pa.Schema, num_rows: int, num_bytes: int, download
 
 
 LOAD_EXAMPLE = '''\
-import numpy as np
 from datasets import load_dataset
 
 REPO = "{repo}"
@@ -240,13 +241,19 @@ def card_totals(current: dict[str, Any], records: list[dict[str, Any]]) -> dict[
 
 
 def build_card(repo_id: str, current: dict[str, Any], records: list[dict[str, Any]], files: list[StagedFile],
-               schema: pa.Schema, num_bytes: int, *, license: str = DEFAULT_LICENSE) -> str:
+               schema: pa.Schema, packed: list[packing.PackResult], *, license: str = DEFAULT_LICENSE,
+               dedup: dict[str, Any] | None = None) -> str:
     """The dataset card ``README.md``: YAML front matter for the Hub and ``datasets``, then provenance and usage.
-    ``files`` are the packed data files, whose rows take ``num_bytes`` of Arrow memory, in ``schema``."""
+    ``files`` are the packed data files (``packed`` says what they hold), in ``schema``; ``dedup`` is the summary of
+    the ``mimi-tokenize dedup`` whose duplicates were left out."""
     current = manifest.redact(current)
     k = current["num_codebooks"]
     model = current["model"]
     totals = card_totals(current, records)
+    frames = sum(p.frames for p in packed)  # what the files hold (the records' totals, less what dedup left out)
+    totals.update(clips=sum(p.rows for p in packed), frames=frames, tokens=frames * k,
+                  hours=sum(p.seconds for p in packed) / 3600)
+    num_bytes = sum(p.arrow_bytes for p in packed)
     data_bytes = sum(f.size for f in files)
     info = dataset_info_yaml(schema, totals["clips"], num_bytes, data_bytes)
     front = {
@@ -315,6 +322,15 @@ def build_card(repo_id: str, current: dict[str, Any], records: list[dict[str, An
     ]
     if metadata_columns:
         lines.append("- metadata passed through from the source: " + ", ".join(f"`{c}`" for c in metadata_columns))
+    if dedup:
+        lines += ["", "## Duplicates left out", "",
+                  f"Published with `--dedup`: `mimi-tokenize dedup` found {dedup['grouped_clips']:,} clips in "
+                  f"{dedup['groups']:,} groups of exact or near duplicates and clips contained in longer ones; one "
+                  f"clip per group is kept (the longest, then the widest band, then the smallest id), so "
+                  f"{dedup['removed_clips']:,} of {dedup['clips']:,} clips ({_hours(dedup['removed_hours'])} of "
+                  f"{_hours(dedup['hours'])} hours) are not in these files. Repeated segments (jingles, ads, intros) "
+                  f"stay in the clips that hold them: [`{DEDUP_SEGMENTS}`]({DEDUP_SEGMENTS}) lists their frame "
+                  "ranges per clip id."]
     lines += ["", "## Files", "",
               f"`{packing.DATA_GLOB}`: the clips in the order of the run's shards, packed into the Parquet files "
               f"counted above (row groups of about {_size(packing.ROW_GROUP_BYTES)} of codes, at most "
@@ -454,7 +470,7 @@ def make_api(token: str) -> Any:
 
 def publish(output_url: str, repo_id: str, *, private: bool = False, dry_run: bool = False, force: bool = False,
             staging: str | os.PathLike | None = None, license: str = DEFAULT_LICENSE,
-            storage_options: dict[str, Any] | None = None, api: Any = None,
+            storage_options: dict[str, Any] | None = None, api: Any = None, dedup: bool = False,
             target_file_bytes: int = packing.TARGET_FILE_BYTES, files_per_folder: int = packing.FILES_PER_FOLDER,
             row_group_bytes: int = packing.ROW_GROUP_BYTES, commit_max_files: int = COMMIT_MAX_FILES,
             commit_max_bytes: int = COMMIT_MAX_BYTES) -> PublishResult:
@@ -462,7 +478,9 @@ def publish(output_url: str, repo_id: str, *, private: bool = False, dry_run: bo
 
     ``api`` is a ``huggingface_hub.HfApi`` (default: one with :func:`hf_token`). ``staging`` is the local folder
     files are packed into (default: a new temporary folder, removed at the end); a dry run leaves every packed file
-    there, an upload one at a time. Raises :class:`PublishError` when the output must not or cannot be published.
+    there, an upload one at a time. With ``dedup``, only the clips ``mimi-tokenize dedup`` keeps are published, with
+    the repeated segments' table (``_dedup/segments.parquet``). Raises :class:`PublishError` when the output must not
+    or cannot be published.
     """
     if not _REPO_ID.fullmatch(repo_id):
         raise PublishError(f"--repo must be ORG/NAME (a Hub dataset repo id), got {repo_id!r}")
@@ -477,6 +495,17 @@ def publish(output_url: str, repo_id: str, *, private: bool = False, dry_run: bo
     current = state.read_output(output_url, storage_options)
     done = manifest.load_done(output_url, storage_options)
     records = check_publishable(output_url, current, done, force=force, storage_options=storage_options)
+    summary, keep = None, None
+    if dedup:
+        from pipeline.dedup import DedupError, check_current, kept_mask
+
+        try:
+            summary = check_current(output_url, storage_options)
+        except DedupError as exc:
+            raise PublishError(str(exc)) from exc
+
+        def keep(record: dict[str, Any]) -> np.ndarray:
+            return kept_mask(output_url, storage.join(output_url, record["file"]), record["rows"], storage_options)
     planned = packing.plan(records, target_file_bytes, files_per_folder)
     if len(planned) > MAX_REPO_FILES:
         raise PublishError(f"{len(planned):,} files of {_size(target_file_bytes)} would exceed the Hub's "
@@ -491,7 +520,7 @@ def publish(output_url: str, repo_id: str, *, private: bool = False, dry_run: bo
         packed = []
         for i, f in enumerate(planned):
             packed.append(packing.pack_file(output_url, f, target, staging / f.path, row_group_bytes=row_group_bytes,
-                                            storage_options=storage_options))
+                                            storage_options=storage_options, keep=keep))
             result.files.append(StagedFile(f.path, str(staging / f.path), packed[-1].size, packed[-1].sha256))
             log.info("packed %s: %d shard(s), %d rows, %s (%d of %d)", f.path, len(f.records), packed[-1].rows,
                      _size(packed[-1].size), i + 1, len(planned))
@@ -500,12 +529,16 @@ def publish(output_url: str, repo_id: str, *, private: bool = False, dry_run: bo
         mapping = packing.mapping_table(planned, packed)
         (staging / packing.MAPPING_PATH).parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(mapping, staging / packing.MAPPING_PATH)
-        card = build_card(repo_id, current, records, result.files, target, sum(p.arrow_bytes for p in packed),
-                          license=license)
+        card = build_card(repo_id, current, records, result.files, target, packed, license=license, dedup=summary)
         (staging / README).write_text(card, encoding="utf-8")
         data_files = result.files
-        result.files = [*data_files, staged(packing.MAPPING_PATH, staging / packing.MAPPING_PATH),
-                        staged(README, staging / README)]
+        extra = [staged(packing.MAPPING_PATH, staging / packing.MAPPING_PATH)]
+        if summary is not None:
+            (staging / DEDUP_SEGMENTS).parent.mkdir(parents=True, exist_ok=True)
+            fs, path = storage.get_fs(storage.join(output_url, DEDUP_SEGMENTS), storage_options)
+            retry.call(fs.get, path, str(staging / DEDUP_SEGMENTS), what=f"read {DEDUP_SEGMENTS}")
+            extra.append(staged(DEDUP_SEGMENTS, staging / DEDUP_SEGMENTS))
+        result.files = [*data_files, *extra, staged(README, staging / README)]
         if uploader:
             uploader.finish(result.files[len(data_files):], {f.path for f in result.files})
             _keep_mapping(output_url, repo_id, mapping, storage_options)
@@ -538,12 +571,13 @@ def _size(n: int) -> str:
 
 
 def run_publish(output: str, repo: str, *, private: bool, dry_run: bool, force: bool, staging: str | None,
-                license: str, storage_options: dict[str, Any] | None, target_file_mb: float = 500) -> int:
+                license: str, storage_options: dict[str, Any] | None, target_file_mb: float = 500,
+                dedup: bool = False) -> int:
     """The ``publish`` subcommand: publish, then print what was (or in a dry run, would be) uploaded."""
     if target_file_mb <= 0:
         raise PublishError(f"--target-file-mb must be positive, got {target_file_mb}")
     result = publish(output, repo, private=private, dry_run=dry_run, force=force, staging=staging, license=license,
-                     storage_options=storage_options, target_file_bytes=int(target_file_mb * 2**20))
+                     storage_options=storage_options, target_file_bytes=int(target_file_mb * 2**20), dedup=dedup)
     if dry_run:
         where = (f"packed in {result.staging}" if staging else
                  "packed in a temporary folder, now removed (pass --staging DIR to keep the packed files)")

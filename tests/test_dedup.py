@@ -18,6 +18,7 @@ from pipeline import matching, storage
 from pipeline.cli import main
 from pipeline.export import export
 from pipeline.loader import MimiCodes
+from pipeline.publish import PublishError, publish
 from pipeline.signals import Signals
 from pipeline.types import ClipInfo, EncodedClip, Shard
 from pipeline.writer import write_shard
@@ -176,6 +177,15 @@ def test_dedup_command_export_and_loader(planted, tmp_path, capsys, monkeypatch)
     assert int((next(iter(MimiCodes(root, seq_len=10**6, shuffle=False)))["doc_ids"] >= 0).sum()) == \
         sum(lengths.values())
 
+    # publish --dedup packs only the kept clips, ships the segments' table, and the card says what was left out
+    staging = tmp_path / "staging"
+    result = publish(root, "org/name", dry_run=True, staging=staging, dedup=True)
+    packed = pq.read_table([staging / f.path for f in result.files if f.path.startswith("data/")][0])
+    assert sorted(packed.column("id").to_pylist()) == sorted(r for r in rows if rows[r]["kept"])
+    assert pq.read_table(staging / "_dedup/segments.parquet").to_pylist() == segments
+    card = (staging / "README.md").read_text()
+    assert "## Duplicates left out" in card and "2 of 14 clips" in card and "12 audio clips" in card
+
     # refused while a live run holds the output's lock; stale once the data changes
     monkeypatch.setattr(dd.state, "live_lock", lambda url, so=None: {"owner": "host:1"})
     with pytest.raises(dd.DedupError, match="a run is writing it"):
@@ -184,3 +194,5 @@ def test_dedup_command_export_and_loader(planted, tmp_path, capsys, monkeypatch)
     _fabricate(root, clips[:-1])
     with pytest.raises(dd.DedupError, match="no dedup of its current data"):
         export(root, tmp_path / "flat2", dedup=True)
+    with pytest.raises(PublishError, match="no dedup of its current data"):
+        publish(root, "org/name", dry_run=True, dedup=True)
