@@ -68,23 +68,29 @@ class Fingerprinter:
         n = (len(self._low) - N_FFT) // HOP + 1 if len(self._low) >= N_FFT else 0
         if n <= 0:
             return
-        frames = np.lib.stride_tricks.sliding_window_view(self._low, N_FFT)[::HOP][:n]
-        spectrum = scipy.fft.rfft(frames * _WINDOW, axis=1)[:, LOW_BIN:HIGH_BIN]
-        power = (spectrum.real ** 2 + spectrum.imag ** 2).astype(np.float32)
+        halves = self._low[:(n + 1) * HOP].reshape(-1, HOP)  # frame k = halves k and k + 1 (HOP is half a frame)
+        frames = np.empty((n, N_FFT), np.float32)
+        np.multiply(halves[:-1], _WINDOW[:HOP], out=frames[:, :HOP])
+        np.multiply(halves[1:], _WINDOW[HOP:], out=frames[:, HOP:])
+        parts = scipy.fft.rfft(frames, axis=1).view(np.float32)  # (re, im) pairs
+        np.square(parts, out=parts)
+        power = parts[:, 2 * LOW_BIN:2 * HIGH_BIN:2] + parts[:, 2 * LOW_BIN + 1:2 * HIGH_BIN:2]
+        power += 1e-12
+        np.log10(power, out=power)
+        power *= 10
         self._low = self._low[n * HOP:].copy()
         self._frames += n
-        self._decide(np.concatenate([self._spec, 10 * np.log10(power + 1e-12, dtype=np.float32)]))
+        self._decide(np.concatenate([self._spec, power]))
 
     def _decide(self, spec: np.ndarray) -> None:
         """Pick the peaks of the frames of ``spec`` whose neighbourhood it holds whole; keep the rest for later."""
         ready = len(spec) - 2 * PEAK_FRAMES
         if ready > 0:
-            local = _running_max(_running_max(spec, 2 * PEAK_BINS + 1, axis=1), 2 * PEAK_FRAMES + 1, axis=0)
             core = spec[PEAK_FRAMES:PEAK_FRAMES + ready]
             mean = core.mean(axis=1, keepdims=True)  # of the log power: robust to a few loud bins
-            peak = (core == local) & (core >= mean + PEAK_OVER_MEAN_DB) & (core >= _FLOOR)
+            peak = (core == _neighbourhood_max(spec)) & (core >= mean + PEAK_OVER_MEAN_DB) & (core >= _FLOOR)
             score = np.where(peak, core, -np.inf)
-            if PEAKS_PER_FRAME < score.shape[1]:
+            if PEAKS_PER_FRAME < score.shape[1]:  # keep those at least as strong as the frame's 3rd (ties kept)
                 kth = -np.sort(-score, axis=1)[:, PEAKS_PER_FRAME - 1:PEAKS_PER_FRAME]
                 peak &= score >= kth
             t, f = np.nonzero(peak)
@@ -107,18 +113,23 @@ class Fingerprinter:
 
 
 def _running_max(x: np.ndarray, width: int, axis: int) -> np.ndarray:
-    """The maximum over windows of ``width`` (odd) centred on each element along ``axis``: the whole windows only
-    along axis 0 (``len - width + 1`` rows), padded with -inf along axis 1; by doubling, in log2(width) steps."""
-    half = width // 2
-    if axis == 1:
-        x = np.pad(x, ((0, 0), (half, half)), constant_values=-np.inf)
-    x = np.moveaxis(x, axis, 0)
+    """The maximum over the whole windows of ``width`` along ``axis`` (0 or 1; ``len - width + 1`` of them), by
+    doubling, in log2(width) steps."""
     span = 1
     while span < width:
         step = min(span, width - span)
-        x = np.maximum(x[:-step], x[step:])
+        x = np.maximum(x[:-step], x[step:]) if axis == 0 else np.maximum(x[:, :-step], x[:, step:])
         span += step
-    return np.moveaxis(x, 0, axis)
+    return x
+
+
+def _neighbourhood_max(spec: np.ndarray) -> np.ndarray:
+    """The maximum over ±:data:`PEAK_FRAMES` frames and ±:data:`PEAK_BINS` bins (-inf beyond the band) of each frame
+    of ``spec`` that has its whole neighbourhood in it (rows from :data:`PEAK_FRAMES` on)."""
+    frames = _running_max(spec, 2 * PEAK_FRAMES + 1, axis=0)
+    padded = np.full((len(frames), frames.shape[1] + 2 * PEAK_BINS), -np.inf, np.float32)
+    padded[:, PEAK_BINS:-PEAK_BINS] = frames
+    return _running_max(padded, 2 * PEAK_BINS + 1, axis=1)
 
 
 def fingerprint(audio: np.ndarray) -> bytes:
