@@ -39,6 +39,7 @@ FLOOR_DB = -75.0  # a bin's power relative to a full-scale sine in that bin
 FAN_OUT = 5
 MIN_DT = 1
 MAX_DT = 64
+ANALYSE_SAMPLES = 1 << 15  # 4 kHz samples (8.2 s) buffered per STFT: fewer, larger numpy calls
 DT_STEP = 2  # frame distances and bins are halved in hashes: a peak one frame or bin off still matches half the time
 _ONES = np.ones(DECIMATE, np.float32)
 _WINDOW = np.hanning(N_FFT + 2)[1:-1].astype(np.float32)
@@ -50,7 +51,8 @@ class Fingerprinter:
 
     def __init__(self) -> None:
         self._rest = np.zeros(0, np.float32)  # 24 kHz samples not yet summed (fewer than DECIMATE)
-        self._low = np.zeros(0, np.float32)  # 4 kHz samples from the next frame's start
+        self._low: list[np.ndarray] = []  # 4 kHz samples from the next frame's start
+        self._buffered = 0  # how many
         self._spec = np.full((PEAK_FRAMES, HIGH_BIN - LOW_BIN), -np.inf, np.float32)  # frames not yet decided
         self._first = -PEAK_FRAMES  # frame index of self._spec[0]
         self._frames = 0
@@ -63,12 +65,18 @@ class Fingerprinter:
             audio = np.concatenate([self._rest, audio])
         whole = len(audio) // DECIMATE * DECIMATE
         self._rest = audio[whole:].copy()
-        low = audio[:whole].reshape(-1, DECIMATE) @ _ONES
-        self._low = np.concatenate([self._low, low]) if len(self._low) else low
-        n = (len(self._low) - N_FFT) // HOP + 1 if len(self._low) >= N_FFT else 0
+        self._low.append(audio[:whole].reshape(-1, DECIMATE) @ _ONES)
+        self._buffered += whole // DECIMATE
+        if self._buffered >= ANALYSE_SAMPLES:
+            self._analyse()
+
+    def _analyse(self) -> None:
+        """The log power spectra of the whole frames buffered, on to :meth:`_decide`."""
+        low = np.concatenate(self._low) if len(self._low) != 1 else self._low[0]
+        n = (len(low) - N_FFT) // HOP + 1 if len(low) >= N_FFT else 0
         if n <= 0:
             return
-        halves = self._low[:(n + 1) * HOP].reshape(-1, HOP)  # frame k = halves k and k + 1 (HOP is half a frame)
+        halves = low[:(n + 1) * HOP].reshape(-1, HOP)  # frame k = halves k and k + 1 (HOP is half a frame)
         frames = np.empty((n, N_FFT), np.float32)
         np.multiply(halves[:-1], _WINDOW[:HOP], out=frames[:, :HOP])
         np.multiply(halves[1:], _WINDOW[HOP:], out=frames[:, HOP:])
@@ -78,7 +86,8 @@ class Fingerprinter:
         power += 1e-12
         np.log10(power, out=power)
         power *= 10
-        self._low = self._low[n * HOP:].copy()
+        self._low = [low[n * HOP:].copy()]
+        self._buffered = len(self._low[0])
         self._frames += n
         self._decide(np.concatenate([self._spec, power]))
 
@@ -88,11 +97,11 @@ class Fingerprinter:
         if ready > 0:
             core = spec[PEAK_FRAMES:PEAK_FRAMES + ready]
             mean = core.mean(axis=1, keepdims=True)  # of the log power: robust to a few loud bins
-            peak = (core == _neighbourhood_max(spec)) & (core >= mean + PEAK_OVER_MEAN_DB) & (core >= _FLOOR)
-            score = np.where(peak, core, -np.inf)
-            if PEAKS_PER_FRAME < score.shape[1]:  # keep those at least as strong as the frame's 3rd (ties kept)
-                kth = -np.sort(-score, axis=1)[:, PEAKS_PER_FRAME - 1:PEAKS_PER_FRAME]
-                peak &= score >= kth
+            peak = (core >= np.maximum(mean + PEAK_OVER_MEAN_DB, _FLOOR)) & (core == _neighbourhood_max(spec))
+            crowded = np.flatnonzero(np.count_nonzero(peak, axis=1) > PEAKS_PER_FRAME)
+            if len(crowded):  # keep those at least as strong as their frame's 3rd (ties kept)
+                score = np.where(peak[crowded], core[crowded], -np.inf)
+                peak[crowded] &= score >= -np.sort(-score, axis=1)[:, PEAKS_PER_FRAME - 1:PEAKS_PER_FRAME]
             t, f = np.nonzero(peak)
             self._times.append(t.astype(np.int64) + self._first + PEAK_FRAMES)
             self._bins.append(f.astype(np.int64))
@@ -103,9 +112,11 @@ class Fingerprinter:
     def finish(self) -> bytes:
         """The clip's fingerprint (see :func:`encode`); the tail's frames are closed with silence."""
         self.feed(np.zeros(-len(self._rest) % DECIMATE, np.float32))  # the last group of samples, zero-padded
+        self._analyse()
         covered = N_FFT - HOP if self._frames else 0
-        if len(self._low) > covered:  # samples no frame has covered yet: one more frame, zero-padded
-            self.feed(np.zeros((N_FFT - len(self._low)) * DECIMATE, np.float32))
+        if self._buffered > covered:  # samples no frame has covered yet: one more frame, zero-padded
+            self.feed(np.zeros((N_FFT - self._buffered) * DECIMATE, np.float32))
+            self._analyse()
         self._decide(np.concatenate([self._spec, np.full((PEAK_FRAMES, HIGH_BIN - LOW_BIN), -np.inf, np.float32)]))
         times = np.concatenate(self._times) if self._times else np.zeros(0, np.int64)
         bins = np.concatenate(self._bins) if self._bins else np.zeros(0, np.int64)
