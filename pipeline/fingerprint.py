@@ -43,6 +43,7 @@ ANALYSE_SAMPLES = 1 << 15  # 4 kHz samples (8.2 s) buffered per STFT: fewer, lar
 DT_STEP = 2  # frame distances and bins are halved in hashes: a peak one frame or bin off still matches half the time
 _ONES = np.ones(DECIMATE, np.float32)
 _WINDOW = np.hanning(N_FFT + 2)[1:-1].astype(np.float32)
+_WIDTH = HIGH_BIN - LOW_BIN + 2 * PEAK_BINS  # the band and -inf on either side (the neighbourhood beyond it)
 _FLOOR = 10 * np.log10((DECIMATE * N_FFT / 4) ** 2) + FLOOR_DB  # log power of a full-scale sine, plus the floor
 
 
@@ -53,7 +54,7 @@ class Fingerprinter:
         self._rest = np.zeros(0, np.float32)  # 24 kHz samples not yet summed (fewer than DECIMATE)
         self._low: list[np.ndarray] = []  # 4 kHz samples from the next frame's start
         self._buffered = 0  # how many
-        self._spec = np.full((PEAK_FRAMES, HIGH_BIN - LOW_BIN), -np.inf, np.float32)  # frames not yet decided
+        self._spec = np.full((PEAK_FRAMES, _WIDTH), -np.inf, np.float32)  # frames not yet decided
         self._first = -PEAK_FRAMES  # frame index of self._spec[0]
         self._frames = 0
         self._times: list[np.ndarray] = []
@@ -82,22 +83,27 @@ class Fingerprinter:
         np.multiply(halves[1:], _WINDOW[HOP:], out=frames[:, HOP:])
         parts = scipy.fft.rfft(frames, axis=1).view(np.float32)  # (re, im) pairs
         np.square(parts, out=parts)
-        power = parts[:, 2 * LOW_BIN:2 * HIGH_BIN:2] + parts[:, 2 * LOW_BIN + 1:2 * HIGH_BIN:2]
+        spec = np.empty((len(self._spec) + n, _WIDTH), np.float32)
+        spec[:len(self._spec)] = self._spec
+        spec[len(self._spec):, :PEAK_BINS] = spec[len(self._spec):, -PEAK_BINS:] = -np.inf
+        power = spec[len(self._spec):, PEAK_BINS:-PEAK_BINS]
+        np.add(parts[:, 2 * LOW_BIN:2 * HIGH_BIN:2], parts[:, 2 * LOW_BIN + 1:2 * HIGH_BIN:2], out=power)
         power += 1e-12
         np.log10(power, out=power)
         power *= 10
         self._low = [low[n * HOP:].copy()]
         self._buffered = len(self._low[0])
         self._frames += n
-        self._decide(np.concatenate([self._spec, power]))
+        self._decide(spec)
 
     def _decide(self, spec: np.ndarray) -> None:
         """Pick the peaks of the frames of ``spec`` whose neighbourhood it holds whole; keep the rest for later."""
         ready = len(spec) - 2 * PEAK_FRAMES
         if ready > 0:
-            core = spec[PEAK_FRAMES:PEAK_FRAMES + ready]
+            core = spec[PEAK_FRAMES:PEAK_FRAMES + ready, PEAK_BINS:-PEAK_BINS]
             mean = core.mean(axis=1, keepdims=True)  # of the log power: robust to a few loud bins
-            peak = (core >= np.maximum(mean + PEAK_OVER_MEAN_DB, _FLOOR)) & (core == _neighbourhood_max(spec))
+            local = _running_max(_running_max(spec, 2 * PEAK_FRAMES + 1, axis=0), 2 * PEAK_BINS + 1, axis=1)
+            peak = (core >= np.maximum(mean + PEAK_OVER_MEAN_DB, _FLOOR)) & (core == local)
             crowded = np.flatnonzero(np.count_nonzero(peak, axis=1) > PEAKS_PER_FRAME)
             if len(crowded):  # keep those at least as strong as their frame's 3rd (ties kept)
                 score = np.where(peak[crowded], core[crowded], -np.inf)
@@ -117,7 +123,7 @@ class Fingerprinter:
         if self._buffered > covered:  # samples no frame has covered yet: one more frame, zero-padded
             self.feed(np.zeros((N_FFT - self._buffered) * DECIMATE, np.float32))
             self._analyse()
-        self._decide(np.concatenate([self._spec, np.full((PEAK_FRAMES, HIGH_BIN - LOW_BIN), -np.inf, np.float32)]))
+        self._decide(np.concatenate([self._spec, np.full((PEAK_FRAMES, _WIDTH), -np.inf, np.float32)]))
         times = np.concatenate(self._times) if self._times else np.zeros(0, np.int64)
         bins = np.concatenate(self._bins) if self._bins else np.zeros(0, np.int64)
         return encode(times, bins)
@@ -132,15 +138,6 @@ def _running_max(x: np.ndarray, width: int, axis: int) -> np.ndarray:
         x = np.maximum(x[:-step], x[step:]) if axis == 0 else np.maximum(x[:, :-step], x[:, step:])
         span += step
     return x
-
-
-def _neighbourhood_max(spec: np.ndarray) -> np.ndarray:
-    """The maximum over ±:data:`PEAK_FRAMES` frames and ±:data:`PEAK_BINS` bins (-inf beyond the band) of each frame
-    of ``spec`` that has its whole neighbourhood in it (rows from :data:`PEAK_FRAMES` on)."""
-    frames = _running_max(spec, 2 * PEAK_FRAMES + 1, axis=0)
-    padded = np.full((len(frames), frames.shape[1] + 2 * PEAK_BINS), -np.inf, np.float32)
-    padded[:, PEAK_BINS:-PEAK_BINS] = frames
-    return _running_max(padded, 2 * PEAK_BINS + 1, axis=1)
 
 
 def fingerprint(audio: np.ndarray) -> bytes:
