@@ -53,7 +53,7 @@ class Fingerprinter:
     def __init__(self) -> None:
         self._rest = np.zeros(0, np.float32)  # 24 kHz samples not yet summed (fewer than DECIMATE)
         self._low: list[np.ndarray] = []  # 4 kHz samples from the next frame's start
-        self._buffered = 0  # how many
+        self._buffered = 0  # their count
         self._spec = np.full((PEAK_FRAMES, _WIDTH), -np.inf, np.float32)  # frames not yet decided
         self._first = -PEAK_FRAMES  # frame index of self._spec[0]
         self._frames = 0
