@@ -130,12 +130,13 @@ def bench_decode(args: argparse.Namespace) -> None:
 
 def bench_signals(args: argparse.Namespace) -> None:
     """CPU seconds per audio hour of the per-clip signals (pipeline/signals.py), next to decode + resample of the
-    same audio, per source rate (stereo): the default signals, their parts, Silero VAD, and a time-domain K-weighting
-    filter (scipy sosfilt) for comparison."""
+    same audio, per source rate (stereo): the default signals (the fingerprint included), their parts, Silero VAD,
+    and a time-domain K-weighting filter (scipy sosfilt) for comparison."""
     import scipy.signal
     import xxhash
 
     from pipeline.decode import _SoundfileReader
+    from pipeline.fingerprint import Fingerprinter
     from pipeline.resample import MonoResampler
     from pipeline.signals import ClipSignals
 
@@ -181,24 +182,31 @@ def bench_signals(args: argparse.Namespace) -> None:
                 h.update(np.ascontiguousarray(m, "<f4"))
             h.digest()
 
+        def fingerprinted() -> None:
+            fp = Fingerprinter()
+            for m in mono:
+                fp.feed(m)
+            fp.finish()
+
         t_rs = cpu(resample)
         base = {name: cpu(lambda d=data: decode(d)) + t_rs for name, data in decoded.items()}
-        t_all, t_mono, t_hash = cpu(signals), cpu(lambda: signals(original=False)), cpu(hashed)
+        t_all, t_mono = cpu(signals), cpu(lambda: signals(original=False))
+        t_hash, t_fp = cpu(hashed), cpu(fingerprinted)
         t_vad = cpu(lambda: signals(vad=True)) - t_all if rate == 24_000 else None
         shelf = np.concatenate(scipy.signal.iirfilter(2, 1500 / 12_000, btype="highpass", output="sos"))
         t_iir = cpu(lambda: [scipy.signal.sosfilt(np.stack([shelf, shelf]), m) for m in mono])
-        rows.append((rate, t_all, t_hash, t_mono - t_hash, t_all - t_mono, t_iir, t_vad, base))
+        rows.append((rate, t_all, t_hash, t_fp, t_mono - t_hash - t_fp, t_all - t_mono, t_iir, t_vad, base))
     print(header(f"Per-clip signals: stereo speech-like audio ({args.seconds:g} s, FLAC decoded once), one thread, "
                  f"best of {args.repeat}; CPU seconds per audio hour"))
-    print("| source rate | signals (default) | pcm_hash | 24 kHz frames (FFT: loudness, silence, bandwidth) | "
-          "peak + clipping (source samples) | share of decode + resample: WAV / FLAC / MP3 | time-domain K-weighting "
-          "(sosfilt, for comparison) |")
-    print("|---|---|---|---|---|---|---|")
-    for rate, t_all, t_hash, t_frames, t_orig, t_iir, t_vad, base in rows:
+    print("| source rate | signals (default, all) | pcm_hash | fingerprint | 24 kHz frames (FFT: loudness, silence, "
+          "bandwidth) | peak + clipping (source samples) | share of decode + resample: WAV / FLAC / MP3 | "
+          "time-domain K-weighting (sosfilt, for comparison) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for rate, t_all, t_hash, t_fp, t_frames, t_orig, t_iir, t_vad, base in rows:
         shares = " / ".join(f"{100 * t_all / base[name]:.0f} % (of {base[name]:.1f})" for name in base)
-        print(f"| {rate / 1000:g} kHz | {t_all:.2f} | {t_hash:.2f} | {t_frames:.2f} | {t_orig:.2f} | {shares} | "
-              f"{t_iir:.2f} |")
-    vad = next(r[6] for r in rows if r[6] is not None)
+        print(f"| {rate / 1000:g} kHz | {t_all:.2f} | {t_hash:.2f} | {t_fp:.2f} | {t_frames:.2f} | {t_orig:.2f} | "
+              f"{shares} | {t_iir:.2f} |")
+    vad = next(r[7] for r in rows if r[7] is not None)
     print(f"\nSilero VAD (`--vad`, speech_share), on top: {vad:.1f} CPU s per audio hour ({vad / 60:.1f} min).")
 
 

@@ -39,9 +39,11 @@ FLOOR_DB = -75.0  # a bin's power relative to a full-scale sine in that bin
 FAN_OUT = 5
 MIN_DT = 1
 MAX_DT = 64
+ANALYSE_SAMPLES = 1 << 15  # 4 kHz samples (8.2 s) buffered per STFT: fewer, larger numpy calls
 DT_STEP = 2  # frame distances and bins are halved in hashes: a peak one frame or bin off still matches half the time
 _ONES = np.ones(DECIMATE, np.float32)
 _WINDOW = np.hanning(N_FFT + 2)[1:-1].astype(np.float32)
+_WIDTH = HIGH_BIN - LOW_BIN + 2 * PEAK_BINS  # the band and -inf on either side (the neighbourhood beyond it)
 _FLOOR = 10 * np.log10((DECIMATE * N_FFT / 4) ** 2) + FLOOR_DB  # log power of a full-scale sine, plus the floor
 
 
@@ -50,8 +52,9 @@ class Fingerprinter:
 
     def __init__(self) -> None:
         self._rest = np.zeros(0, np.float32)  # 24 kHz samples not yet summed (fewer than DECIMATE)
-        self._low = np.zeros(0, np.float32)  # 4 kHz samples from the next frame's start
-        self._spec = np.full((PEAK_FRAMES, HIGH_BIN - LOW_BIN), -np.inf, np.float32)  # frames not yet decided
+        self._low: list[np.ndarray] = []  # 4 kHz samples from the next frame's start
+        self._buffered = 0  # their count
+        self._spec = np.full((PEAK_FRAMES, _WIDTH), -np.inf, np.float32)  # frames not yet decided
         self._first = -PEAK_FRAMES  # frame index of self._spec[0]
         self._frames = 0
         self._times: list[np.ndarray] = []
@@ -63,30 +66,48 @@ class Fingerprinter:
             audio = np.concatenate([self._rest, audio])
         whole = len(audio) // DECIMATE * DECIMATE
         self._rest = audio[whole:].copy()
-        low = audio[:whole].reshape(-1, DECIMATE) @ _ONES
-        self._low = np.concatenate([self._low, low]) if len(self._low) else low
-        n = (len(self._low) - N_FFT) // HOP + 1 if len(self._low) >= N_FFT else 0
+        self._low.append(audio[:whole].reshape(-1, DECIMATE) @ _ONES)
+        self._buffered += whole // DECIMATE
+        if self._buffered >= ANALYSE_SAMPLES:
+            self._analyse()
+
+    def _analyse(self) -> None:
+        """The log power spectra of the whole frames buffered, on to :meth:`_decide`."""
+        low = np.concatenate(self._low) if len(self._low) != 1 else self._low[0]
+        n = (len(low) - N_FFT) // HOP + 1 if len(low) >= N_FFT else 0
         if n <= 0:
             return
-        frames = np.lib.stride_tricks.sliding_window_view(self._low, N_FFT)[::HOP][:n]
-        spectrum = scipy.fft.rfft(frames * _WINDOW, axis=1)[:, LOW_BIN:HIGH_BIN]
-        power = (spectrum.real ** 2 + spectrum.imag ** 2).astype(np.float32)
-        self._low = self._low[n * HOP:].copy()
+        halves = low[:(n + 1) * HOP].reshape(-1, HOP)  # frame k = halves k and k + 1 (HOP is half a frame)
+        frames = np.empty((n, N_FFT), np.float32)
+        np.multiply(halves[:-1], _WINDOW[:HOP], out=frames[:, :HOP])
+        np.multiply(halves[1:], _WINDOW[HOP:], out=frames[:, HOP:])
+        parts = scipy.fft.rfft(frames, axis=1).view(np.float32)  # (re, im) pairs
+        np.square(parts, out=parts)
+        spec = np.empty((len(self._spec) + n, _WIDTH), np.float32)
+        spec[:len(self._spec)] = self._spec
+        spec[len(self._spec):, :PEAK_BINS] = spec[len(self._spec):, -PEAK_BINS:] = -np.inf
+        power = spec[len(self._spec):, PEAK_BINS:-PEAK_BINS]
+        np.add(parts[:, 2 * LOW_BIN:2 * HIGH_BIN:2], parts[:, 2 * LOW_BIN + 1:2 * HIGH_BIN:2], out=power)
+        power += 1e-12
+        np.log10(power, out=power)
+        power *= 10
+        self._low = [low[n * HOP:].copy()]
+        self._buffered = len(self._low[0])
         self._frames += n
-        self._decide(np.concatenate([self._spec, 10 * np.log10(power + 1e-12, dtype=np.float32)]))
+        self._decide(spec)
 
     def _decide(self, spec: np.ndarray) -> None:
         """Pick the peaks of the frames of ``spec`` whose neighbourhood it holds whole; keep the rest for later."""
         ready = len(spec) - 2 * PEAK_FRAMES
         if ready > 0:
-            local = _running_max(_running_max(spec, 2 * PEAK_BINS + 1, axis=1), 2 * PEAK_FRAMES + 1, axis=0)
-            core = spec[PEAK_FRAMES:PEAK_FRAMES + ready]
+            core = spec[PEAK_FRAMES:PEAK_FRAMES + ready, PEAK_BINS:-PEAK_BINS]
             mean = core.mean(axis=1, keepdims=True)  # of the log power: robust to a few loud bins
-            peak = (core == local) & (core >= mean + PEAK_OVER_MEAN_DB) & (core >= _FLOOR)
-            score = np.where(peak, core, -np.inf)
-            if PEAKS_PER_FRAME < score.shape[1]:
-                kth = -np.sort(-score, axis=1)[:, PEAKS_PER_FRAME - 1:PEAKS_PER_FRAME]
-                peak &= score >= kth
+            local = _running_max(_running_max(spec, 2 * PEAK_FRAMES + 1, axis=0), 2 * PEAK_BINS + 1, axis=1)
+            peak = (core >= np.maximum(mean + PEAK_OVER_MEAN_DB, _FLOOR)) & (core == local)
+            crowded = np.flatnonzero(np.count_nonzero(peak, axis=1) > PEAKS_PER_FRAME)
+            if len(crowded):  # keep those at least as strong as their frame's 3rd (ties kept)
+                score = np.where(peak[crowded], core[crowded], -np.inf)
+                peak[crowded] &= score >= -np.sort(-score, axis=1)[:, PEAKS_PER_FRAME - 1:PEAKS_PER_FRAME]
             t, f = np.nonzero(peak)
             self._times.append(t.astype(np.int64) + self._first + PEAK_FRAMES)
             self._bins.append(f.astype(np.int64))
@@ -97,28 +118,26 @@ class Fingerprinter:
     def finish(self) -> bytes:
         """The clip's fingerprint (see :func:`encode`); the tail's frames are closed with silence."""
         self.feed(np.zeros(-len(self._rest) % DECIMATE, np.float32))  # the last group of samples, zero-padded
+        self._analyse()
         covered = N_FFT - HOP if self._frames else 0
-        if len(self._low) > covered:  # samples no frame has covered yet: one more frame, zero-padded
-            self.feed(np.zeros((N_FFT - len(self._low)) * DECIMATE, np.float32))
-        self._decide(np.concatenate([self._spec, np.full((PEAK_FRAMES, HIGH_BIN - LOW_BIN), -np.inf, np.float32)]))
+        if self._buffered > covered:  # samples no frame has covered yet: one more frame, zero-padded
+            self.feed(np.zeros((N_FFT - self._buffered) * DECIMATE, np.float32))
+            self._analyse()
+        self._decide(np.concatenate([self._spec, np.full((PEAK_FRAMES, _WIDTH), -np.inf, np.float32)]))
         times = np.concatenate(self._times) if self._times else np.zeros(0, np.int64)
         bins = np.concatenate(self._bins) if self._bins else np.zeros(0, np.int64)
         return encode(times, bins)
 
 
 def _running_max(x: np.ndarray, width: int, axis: int) -> np.ndarray:
-    """The maximum over windows of ``width`` (odd) centred on each element along ``axis``: the whole windows only
-    along axis 0 (``len - width + 1`` rows), padded with -inf along axis 1; by doubling, in log2(width) steps."""
-    half = width // 2
-    if axis == 1:
-        x = np.pad(x, ((0, 0), (half, half)), constant_values=-np.inf)
-    x = np.moveaxis(x, axis, 0)
+    """The maximum over the whole windows of ``width`` along ``axis`` (0 or 1; ``len - width + 1`` of them), by
+    doubling, in log2(width) steps."""
     span = 1
     while span < width:
         step = min(span, width - span)
-        x = np.maximum(x[:-step], x[step:])
+        x = np.maximum(x[:-step], x[step:]) if axis == 0 else np.maximum(x[:, :-step], x[:, step:])
         span += step
-    return np.moveaxis(x, 0, axis)
+    return x
 
 
 def fingerprint(audio: np.ndarray) -> bytes:
