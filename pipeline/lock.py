@@ -278,8 +278,8 @@ class Fence:
         :class:`OutputLockedError` unless this run still holds it."""
         with self._guard:
             now = time.time()
-            if now >= self._valid_until:
-                with retry.window(FENCE_CHECK_S):
+            if now >= self._valid_until:  # no other run can take the lock before the lease last read expires:
+                with retry.window(max(FENCE_CHECK_S, self._expires - now)):  # an outage is ridden out until then
                     lock = storage.read_json(self.url, self.storage_options)
                 lease = lock.get("lease_s", 120.0)
                 self._expires = lock.get("heartbeat", 0) + lease - lease / 4
@@ -295,9 +295,9 @@ class Fence:
         with retry.window(self.check()):
             yield
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_guard", "_valid_until", "_expires")}
+    def __getstate__(self) -> dict[str, Any]:  # the lease's known end travels: it only ever moves later
+        return {k: v for k, v in self.__dict__.items() if k not in ("_guard", "_valid_until")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.__post_init__()
+        self._valid_until, self._guard = 0.0, threading.Lock()
