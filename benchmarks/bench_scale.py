@@ -15,10 +15,10 @@ Measurements (``--measure``, several allowed):
 
     python benchmarks/bench_scale.py --sizes 10000 100000 --markdown
 
-* ``s3run``: a real ``runner.run`` of ``n`` shards (2 one-second WAV files each, input and output on a moto S3
-  server on loopback, through the counting proxy of ``tests/fault_proxy.py``, the tiny random-weight model on CPU,
-  a local Ray instance of 2 CPUs, progress every second, a fold every 10 records), then the same run again (a
-  no-op). Every request the proxy forwards is classified by method and key (:func:`classify`).
+* ``s3run``: a real ``runner.run`` of ``2 n`` one-second WAV files (``files_per_shard=2``: at most 2 per shard; the
+  shard count reported is what the sharding makes of them), input and output on a moto S3 server on loopback,
+  through the counting proxy of ``tests/fault_proxy.py``, the tiny random-weight model on CPU, a local Ray instance
+  of 2 CPUs, progress every second, a fold every 10 records; then the same run again (a no-op). Every request the proxy forwards is classified by method and key (:func:`classify`).
 * ``s3plan``: a finished output of ``n`` shards fabricated on local disk (as for ``plan``) and uploaded to the S3
   server, a fold, then the no-op plan through the counting proxy: requests by class, wall time, peak RSS.
 
@@ -217,10 +217,11 @@ class Counting:
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.server.start()
         host, port = self.server.get_host_and_port()
-        self.direct = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
+        endpoint = f"http://{host}:{port}"
+        self.direct = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}}
         s3fs.S3FileSystem(**self.direct).mkdir(BUCKET)
         self.counts: Counter[tuple[str, str, str]] = Counter()
-        self.proxy = FaultProxy(f"http://{host}:{port}", on_request=self._count).start(faults=False)
+        self.proxy = FaultProxy(endpoint, on_request=self._count).start(faults=False)
         self.storage_options = {**self.direct, "client_kwargs": {"endpoint_url": self.proxy.url}}
 
     def _count(self, method: str, path: str, status: int) -> None:
@@ -239,7 +240,7 @@ class Counting:
 
 
 def s3run_once(n: str) -> dict[str, Any]:
-    """In this process: a run of ``n`` shards on the S3 server, then the same run again; requests by class."""
+    """In this process: a run of ``2 n`` files on the S3 server, then the same run again; requests by class."""
     import tempfile
 
     import fsspec
@@ -275,7 +276,7 @@ def s3run_once(n: str) -> dict[str, Any]:
 
 
 def measure_s3run(workdir: Path, n: int) -> list[dict[str, Any]]:
-    """A real run of ``n`` shards on the S3 server and its no-op rerun, in a fresh process."""
+    """A real run of ``2 n`` files on the S3 server and its no-op rerun, in a fresh process."""
     return [{"n": n, **run} for run in _child("s3run_once", str(n))["runs"]]
 
 
