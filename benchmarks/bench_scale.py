@@ -18,7 +18,8 @@ Measurements (``--measure``, several allowed):
 * ``s3run``: a real ``runner.run`` of ``2 n`` one-second WAV files (``files_per_shard=2``: at most 2 per shard; the
   shard count reported is what the sharding makes of them), input and output on a moto S3 server on loopback,
   through the counting proxy of ``tests/fault_proxy.py``, the tiny random-weight model on CPU, a local Ray instance
-  of 2 CPUs, progress every second, a fold every 10 records; then the same run again (a no-op). Every request the proxy forwards is classified by method and key (:func:`classify`).
+  of 2 CPUs, progress every second, a fold every 10 records; then the same run again (a no-op). Every request
+  the proxy forwards is classified by method and key (:func:`classify`).
 * ``s3plan``: a finished output of ``n`` shards fabricated on local disk (as for ``plan``) and uploaded to the S3
   server, a fold, then the no-op plan through the counting proxy: requests by class, wall time, peak RSS.
 
