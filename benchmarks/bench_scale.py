@@ -23,7 +23,7 @@ Measurements (``--measure``, several allowed):
 * ``s3plan``: a finished output of ``n`` shards fabricated on local disk (as for ``plan``) and uploaded to the S3
   server, a fold, then the no-op plan through the counting proxy: requests by class, wall time, peak RSS.
 
-    python benchmarks/bench_scale.py --measure s3run --sizes 20 60 --markdown
+    python benchmarks/bench_scale.py --measure s3run --sizes 15 45 --markdown
     python benchmarks/bench_scale.py --measure s3plan --sizes 10000 --markdown
 """
 
