@@ -14,12 +14,24 @@ Measurements (``--measure``, several allowed):
   file reads (``open``) and folder listings, during ``load_records`` and ``make_plan``.
 
     python benchmarks/bench_scale.py --sizes 10000 100000 --markdown
+
+* ``s3run``: a real ``runner.run`` of ``2 n`` one-second WAV files (``files_per_shard=2``: at most 2 per shard; the
+  shard count reported is what the sharding makes of them), input and output on a moto S3 server on loopback,
+  through the counting proxy of ``tests/fault_proxy.py``, the tiny random-weight model on CPU, a local Ray instance
+  of 2 CPUs, progress every second, a fold every 10 records; then the same run again (a no-op). Every request
+  the proxy forwards is classified by method and key (:func:`classify`).
+* ``s3plan``: a finished output of ``n`` shards fabricated on local disk (as for ``plan``) and uploaded to the S3
+  server, a fold, then the no-op plan through the counting proxy: requests by class, wall time, peak RSS.
+
+    python benchmarks/bench_scale.py --measure s3run --sizes 15 45 --markdown
+    python benchmarks/bench_scale.py --measure s3plan --sizes 10000 --markdown
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import shutil
@@ -102,20 +114,22 @@ def _count_requests() -> dict[str, int]:
     return counts
 
 
-def plan_once(inp: str, out: str) -> dict[str, Any]:
-    """In this process: list, load the records, plan; times, requests and peak RSS."""
+def plan_once(inp: str, out: str, options_json: str = "{}") -> dict[str, Any]:
+    """In this process: list, load the records, plan (``options_json``: the output's storage options); times,
+    requests and peak RSS."""
     from pipeline import manifest
     from pipeline.commit import Output
     from pipeline.plan import make_plan
     from pipeline.sources import discover_shards
 
+    options = json.loads(options_json)
     t0 = time.perf_counter()
     shards = discover_shards(inp, files_per_shard=FILES_PER_SHARD)
     t1 = time.perf_counter()
     counts = _count_requests()
-    records, files = manifest.load_records(out, check_order=True)
+    records, files = manifest.load_records(out, options, check_order=True)
     t2 = time.perf_counter()
-    plan = make_plan(shards, records, files, prune=False, read_ids=Output(out, 8, {}).read_ids)
+    plan = make_plan(shards, records, files, prune=False, read_ids=Output(out, 8, {}, options).read_ids)
     t3 = time.perf_counter()
     return {"shards": len(shards), "pending": len(plan.pending), "done": len(plan.done), "retire": len(plan.retire),
             "listing_s": t1 - t0, "load_records_s": t2 - t1, "make_plan_s": t3 - t2, "plan_s": t3 - t0, **counts,
@@ -160,7 +174,143 @@ def measure_plan(workdir: Path, n: int) -> list[dict[str, Any]]:
     return [{"n": n, **row} for row in rows]
 
 
-MEASUREMENTS = {"plan": measure_plan}
+BUCKET = "bench"
+OUTPUT_CLASSES = {"data/": "data", "_state/shards/": "records", "_state/checkpoints/": "checkpoints",
+                  "_state/lock.json": "lock", "manifest.json": "manifest+index", "_index/": "manifest+index"}
+
+
+def classify(method: str, path: str) -> tuple[str, str]:
+    """(where, class) of a request to the S3 server: where is ``out`` or ``in`` (or ``-``), the class one of
+    :data:`OUTPUT_CLASSES`' values, ``input``, ``listing`` (a GET on the bucket with list parameters) or ``other``."""
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    parts = urlsplit(path)
+    key = unquote(parts.path).lstrip("/").removeprefix(BUCKET).lstrip("/")
+    query = parse_qs(parts.query)
+    if not key and method == "GET" and ("list-type" in query or "prefix" in query):
+        key, kind = query.get("prefix", [""])[0], "listing"
+    else:
+        kind = None
+    where, _, rest = key.partition("/")
+    if where not in ("in", "out"):
+        return "-", kind or "other"
+    if kind or where == "in":
+        return where, kind or "input"
+    return where, next((name for prefix, name in OUTPUT_CLASSES.items() if rest.startswith(prefix)), "other")
+
+
+class Counting:
+    """A moto S3 server on loopback with one bucket, and the fault proxy (faults off) in front of it, counting every
+    forwarded request by (where, class, method); ``storage_options`` reach the server through the proxy."""
+
+    def __init__(self) -> None:
+        sys.path.insert(0, str(REPO_ROOT / "tests"))
+        from collections import Counter
+
+        import s3fs
+        from fault_proxy import FaultProxy
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            os.environ[name] = "testing"
+        os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        self.direct = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}}
+        s3fs.S3FileSystem(**self.direct).mkdir(BUCKET)
+        self.counts: Counter[tuple[str, str, str]] = Counter()
+        self.proxy = FaultProxy(endpoint, on_request=self._count).start(faults=False)
+        self.storage_options = {**self.direct, "client_kwargs": {"endpoint_url": self.proxy.url}}
+
+    def _count(self, method: str, path: str, status: int) -> None:
+        where, kind = classify(method, path)
+        self.counts[where, kind, method] += 1
+
+    def take(self) -> dict[str, int]:
+        """The counts since the last take, as ``"where class METHOD": n``; resets them."""
+        taken = {" ".join(key): n for key, n in sorted(self.counts.items())}
+        self.counts.clear()
+        return taken
+
+    def stop(self) -> None:
+        self.proxy.stop()
+        self.server.stop()
+
+
+def s3run_once(n: str) -> dict[str, Any]:
+    """In this process: a run of ``2 n`` files on the S3 server, then the same run again; requests by class."""
+    import tempfile
+
+    import fsspec
+    import ray
+
+    import mimi
+    from pipeline import runner
+    from pipeline.config import RunConfig
+
+    shards, s3 = int(n), Counting()
+    from audio_fixtures import write_audio  # tests/ is on the path now (Counting)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(2 * shards):
+            write_audio(Path(tmp, "in", f"u{i:05d}.wav"), "wav_pcm16", 16_000, 1.0, seed=i)
+        fsspec.filesystem("s3", **s3.direct).put(f"{tmp}/in/", f"s3://{BUCKET}/in/", recursive=True)
+        model = str(mimi.write_random_checkpoint(Path(tmp, "tiny.safetensors"), mimi.MimiConfig.tiny()))
+        cfg = RunConfig(input=f"s3://{BUCKET}/in", output=f"s3://{BUCKET}/out", model=model, files_per_shard=2,
+                        storage_options=s3.storage_options, device="cpu", num_encoders=1,
+                        decode_tasks_per_encoder=1, progress_interval_s=1.0, checkpoint_every=10)
+        ray.init(num_cpus=2, include_dashboard=False)
+        try:
+            runs = []
+            for case in ("first run", "no-op rerun"):
+                t0 = time.perf_counter()
+                code = runner.run(cfg)
+                runs.append({"case": case, "exit": code, "wall_s": time.perf_counter() - t0, "requests": s3.take()})
+            made = len(fsspec.filesystem("s3", **s3.direct).ls(f"{BUCKET}/out/data"))
+        finally:
+            ray.shutdown()
+            s3.stop()
+    return {"runs": [{"shards": made, **run} for run in runs]}
+
+
+def measure_s3run(workdir: Path, n: int) -> list[dict[str, Any]]:
+    """A real run of ``2 n`` files on the S3 server and its no-op rerun, in a fresh process."""
+    return [{"n": n, **run} for run in _child("s3run_once", str(n))["runs"]]
+
+
+def s3plan_once(inp: str, out: str) -> dict[str, Any]:
+    """In this process: upload the fabricated output ``out`` to a fresh S3 server and fold; then a no-op plan in a
+    fresh process (its own peak RSS) through the counting proxy."""
+    import fsspec
+
+    from pipeline import manifest
+
+    s3 = Counting()
+    try:
+        t0 = time.perf_counter()
+        fsspec.filesystem("s3", **s3.direct).put(f"{out}/", f"s3://{BUCKET}/out/", recursive=True)
+        upload_s = time.perf_counter() - t0
+        url = f"s3://{BUCKET}/out"
+        t0 = time.perf_counter()
+        manifest.fold_records(url, s3.storage_options)
+        fold = {"fold_s": time.perf_counter() - t0, "fold_requests": s3.take()}
+        result = _child("plan_once", inp, url, json.dumps(s3.storage_options))
+        return {"upload_s": upload_s, **fold, **result, "requests": s3.take()}
+    finally:
+        s3.stop()
+
+
+def measure_s3plan(workdir: Path, n: int) -> list[dict[str, Any]]:
+    """A no-op plan of ``n`` finished shards on the S3 server, after a fold, in a fresh process."""
+    inp, out = fabricate(workdir, n)
+    shutil.rmtree(Path(out, "_state/checkpoints"), ignore_errors=True)
+    return [{"n": n, "case": "S3 no-op, checkpoint", **_child("s3plan_once", inp, out)}]
+
+
+MEASUREMENTS = {"plan": measure_plan, "s3run": measure_s3run, "s3plan": measure_s3plan}
 
 
 def fit(rows: list[dict[str, Any]], case: str, key: str, at: int = 10**6) -> float | None:
@@ -173,7 +323,38 @@ def fit(rows: list[dict[str, Any]], case: str, key: str, at: int = 10**6) -> flo
     return y0 + slope * (at - n0)
 
 
+S3_COLUMNS = ["data", "records", "checkpoints", "lock", "manifest+index", "listing", "other"]
+
+
+def by_class(requests: dict[str, int], where: str) -> dict[str, dict[str, int]]:
+    """``{class: {method: n}}`` of the requests on ``where`` (``out`` or ``in``)."""
+    table: dict[str, dict[str, int]] = {}
+    for key, n in requests.items():
+        at, kind, method = key.split()
+        if at == where:
+            table.setdefault(kind, {})[method] = n
+    return table
+
+
+def s3_markdown(rows: list[dict[str, Any]]) -> str:
+    """The ``s3run`` / ``s3plan`` rows: requests on the output by class (methods in the cell), per run."""
+    lines = ["| shards | case | wall s | " + " | ".join(S3_COLUMNS) + " | output total | per shard | input |",
+             "|---:|---|---:|" + "---|" * len(S3_COLUMNS) + "---:|---:|---:|"]
+    for r in rows:
+        out, shards = by_class(r["requests"], "out"), r.get("shards", r["n"])
+        cells = [", ".join(f"{n} {m}" for m, n in sorted(out.get(kind, {}).items())) for kind in S3_COLUMNS]
+        total = sum(sum(methods.values()) for methods in out.values())
+        inputs = sum(sum(methods.values()) for methods in by_class(r["requests"], "in").values())
+        lines.append(f"| {shards:,} | {r['case']} | {r.get('wall_s', r.get('plan_s', 0)):.1f} | "
+                     + " | ".join(cells) + f" | {total:,} | {total / shards:.2f} | {inputs:,} |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
+    s3 = [r for r in rows if "requests" in r]
+    rows = [r for r in rows if "requests" not in r]
+    if not rows:
+        return s3_markdown(s3)
     lines = ["| shards | case | listing s | load_records s | make_plan s | reads | listings | peak RSS MB |",
              "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -190,7 +371,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             lines.append(f"fitted at 10^6 shards, {case}: plan {values['plan_s']:.0f} s (load_records "
                          f"{values['load_records_s']:.0f} s), {values['reads']:,.0f} reads, peak RSS "
                          f"{values['peak_rss_mb']:,.0f} MB")
-    return "\n".join(lines)
+    return "\n".join(lines + ([""] + [s3_markdown(s3)] if s3 else []))
 
 
 def main(argv: list[str] | None = None) -> int:

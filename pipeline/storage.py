@@ -185,7 +185,13 @@ def write_json(url: str, obj: Any, storage_options: dict[str, Any] | None = None
 def read_json(url: str, storage_options: dict[str, Any] | None = None) -> Any:
     """Read a JSON file; raises ``FileNotFoundError`` if it does not exist."""
     fs, path = get_fs(url, storage_options)
-    return json.loads(retry.call(fs.cat_file, path, what=f"read {url}"))
+    return json.loads(retry.call(fs.cat_file, path, what=f"read {url}", **_one_get(fs)))
+
+
+def _one_get(fs: fsspec.AbstractFileSystem) -> dict[str, Any]:
+    """``cat_file`` options that read a small file in one request: s3fs otherwise asks for its size first (a HEAD
+    per read, a HEAD per record), to split a large object into parallel ranged GETs."""
+    return {"max_concurrency": 1} if _is_s3(fs) else {}
 
 
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
@@ -294,7 +300,8 @@ def read_json_files(url: str, storage_options: dict[str, Any] | None = None, nam
     if not names:
         return {}
     what = f"read {url}"
-    blobs = retry.call(fs.cat, [posixpath.join(path, n) for n in names], on_error="return", what=what)
+    blobs = retry.call(fs.cat, [posixpath.join(path, n) for n in names], on_error="return", what=what,
+                       **_one_get(fs))
     parsed = {}
     for full, blob in blobs.items():
         if isinstance(blob, FileNotFoundError):
@@ -303,7 +310,7 @@ def read_json_files(url: str, storage_options: dict[str, Any] | None = None, nam
             if not retry.is_transient(blob):
                 raise blob
             try:
-                blob = retry.call(fs.cat_file, full, what=what)
+                blob = retry.call(fs.cat_file, full, what=what, **_one_get(fs))
             except FileNotFoundError:
                 continue
         parsed[posixpath.basename(full)] = json.loads(blob)
@@ -379,7 +386,7 @@ def read_versioned(url: str, storage_options: dict[str, Any] | None = None) -> t
         if _is_s3(fs):
             fs.invalidate_cache(path)
             etag = retry.call(fs.info, path, what=what)["ETag"]
-            return retry.call(fs.cat_file, path, what=what), etag
+            return retry.call(fs.cat_file, path, what=what, **_one_get(fs)), etag
         data = retry.call(fs.cat_file, path, what=what)
     except FileNotFoundError:
         return None
