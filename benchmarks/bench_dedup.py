@@ -112,6 +112,7 @@ def _fabricate(root: Path, n_clips: int, seed: int = 0) -> float:
 
     from pipeline import manifest as mf
     from pipeline import storage
+    from pipeline.signals import Signals
     from pipeline.types import ClipInfo, EncodedClip, Shard
     from pipeline.writer import write_shard
 
@@ -133,10 +134,11 @@ def _fabricate(root: Path, n_clips: int, seed: int = 0) -> float:
     shards, done, per_file = [], {}, 700
     for s, start in enumerate(range(0, n_clips, per_file)):
         shard = Shard(f"files-{s:05d}", "files", "/in", "/in", f"d{s}")
-        rows = [EncodedClip(ClipInfo(i - start, f"clip{i:08d}", f"/in/clip{i:08d}.wav", 24_000, 1, {
-            "pcm_hash": xxhash.xxh3_128_digest(np.int64(i).tobytes()), "fingerprint": fpm.encode(*peaks[i]),
-            "bandwidth_hz": 8000.0}), np.zeros((1, 1), np.int16), int(durations[i] * 24_000))
-            for i in range(start, min(start + per_file, n_clips))]
+        rows = [EncodedClip(ClipInfo(i - start, f"clip{i:08d}", f"/in/clip{i:08d}.wav", 24_000, 1),
+                            np.zeros((1, 1), np.int16), int(durations[i] * 24_000),
+                            Signals(xxhash.xxh3_128_digest(np.int64(i).tobytes()), fpm.encode(*peaks[i]),
+                                    None, None, None, None, 8000.0))
+                for i in range(start, min(start + per_file, n_clips))]
         result = write_shard(storage.join(str(root), mf.shard_file(shard.shard_id)), rows, num_codebooks=1,
                              file_metadata={})
         done[shard.shard_id] = mf.write_record(str(root), shard, result, [], started=time.time() - 1,
