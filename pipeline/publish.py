@@ -187,6 +187,7 @@ def dataset_info_yaml(schema: pa.Schema, num_rows: int, num_bytes: int, download
 
 
 LOAD_EXAMPLE = '''\
+import numpy as np
 from datasets import load_dataset
 
 REPO = "{repo}"
