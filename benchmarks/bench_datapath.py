@@ -74,25 +74,32 @@ def header(title: str) -> str:
 # --- decode ------------------------------------------------------------------------------------------------------
 
 
+def best_cpu_s(fn, repeat: int) -> float:
+    """The least CPU time (this process) of ``repeat`` calls of ``fn``."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.process_time()
+        fn()
+        best = min(best, time.process_time() - start)
+    return best
+
+
+def drain(reader_class, data: bytes) -> list[np.ndarray]:
+    """Every decoded block of ``data`` read by ``reader_class`` (a pipeline.decode reader)."""
+    reader = reader_class(io.BytesIO(data))
+    try:
+        return list(reader.blocks())
+    finally:
+        reader.close()
+
+
 def bench_decode(args: argparse.Namespace) -> None:
     """CPU seconds per audio hour to decode (soundfile, PyAV) and to mix + resample to 24 kHz (soxr HQ)."""
     from pipeline.decode import _PyAVReader, _SoundfileReader
     from pipeline.resample import MonoResampler
 
     def cpu(fn) -> float:
-        best = float("inf")
-        for _ in range(args.repeat):
-            start = time.process_time()
-            fn()
-            best = min(best, time.process_time() - start)
-        return best
-
-    def drain(reader_class, data: bytes) -> list[np.ndarray]:
-        reader = reader_class(io.BytesIO(data))
-        try:
-            return list(reader.blocks())
-        finally:
-            reader.close()
+        return best_cpu_s(fn, args.repeat)
 
     rows = []
     for name, (_, _, rates) in FORMATS.items():
@@ -141,19 +148,10 @@ def bench_signals(args: argparse.Namespace) -> None:
     from pipeline.signals import ClipSignals
 
     def cpu(fn) -> float:
-        best = float("inf")
-        for _ in range(args.repeat):
-            start = time.process_time()
-            fn()
-            best = min(best, time.process_time() - start)
-        return best * 3600 / args.seconds
+        return best_cpu_s(fn, args.repeat) * 3600 / args.seconds
 
     def decode(data: bytes) -> list[np.ndarray]:
-        reader = _SoundfileReader(io.BytesIO(data))
-        try:
-            return list(reader.blocks())
-        finally:
-            reader.close()
+        return drain(_SoundfileReader, data)
 
     rows = []
     for rate in (16_000, 24_000, 44_100, 48_000):
