@@ -3,9 +3,9 @@ object per shard.
 
 The records ``_state/shards/{shard_id}.json`` (:mod:`pipeline.manifest`) stay the unit of commit. A checkpoint
 ``_state/checkpoints/{seq:012d}.parquet`` is a cache of them, as Delta Lake folds its JSON log into Parquet: one row
-per record file with its ``name``, the ``version`` its listing gave before it was read (ETag on S3; inode, size and
-times in ns on local disk: :func:`pipeline.storage.list_files_dated`), the ``record`` as compact JSON, and its
-``schema`` (JSON, in a column of its own, so that the records of one output share one parsed copy). A reader takes a
+per record file with the ``version`` its listing gave before it was read (ETag on S3; inode, size and times in ns on
+local disk: :func:`pipeline.storage.list_files_dated`), its ``name``, and the record as columns
+(:mod:`pipeline.records`): read back, it is an Arrow table, not a million parsed objects. A reader takes a
 record from the newest readable checkpoint only where the listing still gives its file the same version, reads the
 others, and ignores the rows of files no longer listed, so correctness never depends on a checkpoint: a damaged or
 missing one costs reads, not results. Checkpoints are written atomically under the run's fence; the newest
@@ -19,10 +19,8 @@ stores cannot give without a sequencer; listing costs one request per 1,000 reco
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import sys
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -32,15 +30,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import retry, storage
+from pipeline import records, retry, storage
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "_state/checkpoints"
 KEEP = 2  # checkpoints kept: the newest, and the one before it (a reader that listed just before a new one landed)
 ROW_GROUP = 50_000  # rows per row group and per batch read (bounds the memory of reading one)
-COLUMNS = pa.schema([("name", pa.string()), ("version", pa.string()), ("record", pa.string()),
-                     ("schema", pa.string())])
+COLUMNS = pa.schema([("version", pa.string()), *records.COLUMNS])  # a record file's listed version, its record
 _NAME = re.compile(r"\d{12}\.parquet")
 
 
@@ -58,10 +55,16 @@ def _keys(names: pa.Array | list[str], versions: pa.Array | list[str]) -> pa.Arr
     return pc.binary_join_element_wise(pa.array(names, pa.string()), pa.array(versions, pa.string()), "\x00")
 
 
-def _listed_keys(listed: dict[str, storage.Listed]) -> pa.Array:
-    """``name \\0 version`` of each record file the store gives a version for (the others are always read)."""
-    names = [n for n, entry in listed.items() if n.endswith(".json") and entry.version is not None]
-    return _keys(names, [listed[n].version for n in names])
+def _json_names(listed: pa.Table) -> pa.Table:
+    return listed.filter(pc.ends_with(listed.column("name"), ".json"))
+
+
+def _listed_keys(listed: pa.Table) -> pa.Array:
+    """``name \\0 version`` of each record file (``listed``: :func:`pipeline.storage.list_table`) the store gives a
+    version for (the others are always read)."""
+    named = _json_names(listed)
+    named = named.filter(pc.is_valid(named.column("version")))
+    return _keys(named.column("name").combine_chunks(), named.column("version").combine_chunks())
 
 
 def _scan(url: str, storage_options: dict[str, Any] | None, wanted: pa.Array,
@@ -69,84 +72,47 @@ def _scan(url: str, storage_options: dict[str, Any] | None, wanted: pa.Array,
     """Pass each batch of the checkpoint at ``url``, cut to the rows whose key is in ``wanted``, to ``take``."""
     fs, path = storage.get_fs(url, storage_options)
     with fs.open(path, "rb") as f:
-        parquet = pq.ParquetFile(f)
-        if not parquet.schema_arrow.equals(COLUMNS):
-            raise ValueError(f"not a checkpoint (columns {parquet.schema_arrow.names})")
+        parquet = pq.ParquetFile(f, read_dictionary=records.DICTIONARY)
+        if not records.plain_types(parquet.schema_arrow.empty_table()).schema.equals(COLUMNS):
+            raise ValueError(f"not a checkpoint of this version (columns {parquet.schema_arrow.names})")
+        keys = parquet.read(columns=["name", "version"])
+        keep = pc.is_in(_keys(keys.column("name").combine_chunks(), keys.column("version").combine_chunks()),
+                        value_set=wanted)  # one hash table of ``wanted`` for the whole file
+        del keys
+        start = 0
         for batch in parquet.iter_batches(batch_size=ROW_GROUP):
-            take(batch.filter(pc.is_in(_keys(batch.column("name"), batch.column("version")), value_set=wanted)))
+            take(batch.filter(keep.slice(start, batch.num_rows)))
+            start += batch.num_rows
 
 
-def _parse(url: str, storage_options: dict[str, Any] | None, wanted: pa.Array) -> dict[str, dict[str, Any]]:
-    records: dict[str, dict[str, Any]] = {}
-    schemas: dict[str, Any] = {}
-
-    def take(batch: pa.RecordBatch) -> None:
-        encoded = pc.dictionary_encode(batch.column("schema"))
-        shared = [schemas.setdefault(text, json.loads(text)) for text in encoded.dictionary.to_pylist()]
-        names, indices = batch.column("name").to_pylist(), encoded.indices.to_pylist()
-        parsed = json.loads("[" + ",".join(batch.column("record").to_pylist()) + "]")  # one call: faster than many
-        for name, record, index in zip(names, parsed, indices):
-            records[name] = record
-            if index is not None:
-                record["schema"] = shared[index]
-
-    _scan(url, storage_options, wanted, take)
-    return records
+def _read(url: str, storage_options: dict[str, Any] | None, wanted: pa.Array) -> pa.Table:
+    batches: list[pa.RecordBatch] = []
+    _scan(url, storage_options, wanted, batches.append)
+    return pa.Table.from_batches(batches).drop_columns(["version"]) if batches else records.encode([])
 
 
-def _share_schemas(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``records`` with equal ``schema`` values made one object (they are read, never changed in place)."""
-    shared: dict[str, Any] = {}
-    for record in records.values():
-        if record.get("schema") is not None:
-            record["schema"] = shared.setdefault(json.dumps(record["schema"], sort_keys=True), record["schema"])
-    return records
-
-
-def _shared_keys(record: dict[str, Any]) -> dict[str, Any]:
-    """``record`` with its keys (and its shard's) one string each across records (each ``json.loads`` makes its
-    own: about 1.2 KB a record)."""
-    if isinstance(record.get("shard"), dict):
-        record["shard"] = {sys.intern(k): v for k, v in record["shard"].items()}
-    return {sys.intern(k): v for k, v in record.items()}
-
-
-def _intern(record: dict[str, Any]) -> None:
-    """Make the values that many records repeat (status, kind, times by the second, run id) one string each."""
-    for owner, key in ((record, "status"), (record, "started"), (record, "finished"), (record, "run_id"),
-                       (record.get("shard") or {}, "kind")):
-        if isinstance(owner.get(key), str):
-            owner[key] = sys.intern(owner[key])
-
-
-def load(output_url: str, state_url: str, listed: dict[str, storage.Listed],
-         storage_options: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """The records of the files ``listed`` in the folder ``state_url`` (``*.json``), parsed, by file name: from the
-    newest readable checkpoint where it holds the file's listed version, else read from the store."""
-    wanted, records = _listed_keys(listed), {}
+def load(output_url: str, state_url: str, listed: pa.Table,
+         storage_options: dict[str, Any] | None = None) -> records.RecordSet:
+    """The records of the files ``listed`` (:func:`pipeline.storage.list_table`) in the folder ``state_url``
+    (``*.json``), as columns: from the newest
+    readable checkpoint where it holds the file's listed version, else read from the store."""
+    wanted, table = _listed_keys(listed), records.encode([])
     if len(wanted):
         for seq in checkpoints(output_url, storage_options):
             url = checkpoint_url(output_url, seq)
             try:
-                records = retry.call(_parse, url, storage_options, wanted, what=f"read {url}")
+                table = retry.call(_read, url, storage_options, wanted, what=f"read {url}")
                 break
             except Exception as exc:  # a cache: a checkpoint that cannot be read costs reads, not results
                 log.warning("checkpoint %s cannot be read (%s); the records it holds are read one by one",
                             url, retry.brief(exc))
-    missing = [n for n in listed if n.endswith(".json") and n not in records]
-    fetched = _share_schemas(storage.read_json_files(state_url, storage_options, missing))
-    records.update((name, _shared_keys(record)) for name, record in fetched.items())
-    ordered = {name: records[name] for name in listed if name in records}  # in the listing's order
-    for record in ordered.values():
-        _intern(record)
-    return ordered
-
-
-def _row(name: str, version: str, record: dict[str, Any]) -> dict[str, Any]:
-    schema = record.get("schema")
-    body = {**record, "schema": None} if schema is not None else record
-    return {"name": name, "version": version, "record": json.dumps(body, separators=(",", ":")),
-            "schema": None if schema is None else json.dumps(schema, separators=(",", ":"))}
+    names = _json_names(listed).column("name").combine_chunks()
+    missing = names.filter(pc.invert(pc.is_in(names, value_set=table.column("name").combine_chunks()))).to_pylist()
+    fetched = records.encode(storage.read_json_files(state_url, storage_options, missing).items())
+    pa.default_memory_pool().release_unused()  # the checkpoint's read buffers, back to the system
+    if not fetched.num_rows:
+        return records.RecordSet(table)
+    return records.RecordSet(pa.concat_tables([records.plain_types(table), fetched]))
 
 
 def compact(output_url: str, state_url: str, storage_options: dict[str, Any] | None = None,
@@ -154,12 +120,11 @@ def compact(output_url: str, state_url: str, storage_options: dict[str, Any] | N
     """Fold the records now in the folder ``state_url`` into a new checkpoint, unless the newest one holds exactly
     them; then delete all but the newest :data:`KEEP`. Writes and deletions run inside ``writing()`` (the run's
     fence). Returns the new checkpoint's sequence number, or None when nothing changed."""
-    listed = storage.list_files_dated(state_url, storage_options)
-    wanted = _listed_keys(listed)
+    wanted = _listed_keys(storage.list_table(state_url, storage_options))
     seqs = checkpoints(output_url, storage_options)
     for base in [*seqs[:1], None]:
         try:
-            seq = _fold(output_url, state_url, storage_options, writing, listed, wanted, base, seqs)
+            seq = _fold(output_url, state_url, storage_options, writing, wanted, base, seqs)
         except Exception as exc:
             if base is None:
                 raise
@@ -175,8 +140,8 @@ def compact(output_url: str, state_url: str, storage_options: dict[str, Any] | N
 
 
 def _fold(output_url: str, state_url: str, storage_options: dict[str, Any] | None,
-          writing: Callable[[], AbstractContextManager] | None, listed: dict[str, storage.Listed],
-          wanted: pa.Array, base: int | None, seqs: list[int]) -> int | None:
+          writing: Callable[[], AbstractContextManager] | None, wanted: pa.Array, base: int | None,
+          seqs: list[int]) -> int | None:
     held = pa.array([], pa.string())
     if base is None and not len(wanted):
         return None  # no records, no checkpoint
@@ -189,9 +154,10 @@ def _fold(output_url: str, state_url: str, storage_options: dict[str, Any] | Non
         if len(held) == len(all_keys) == len(wanted):
             return None  # the newest checkpoint holds exactly the records listed now
     new_keys = wanted.filter(pc.invert(pc.is_in(wanted, value_set=held)))
-    names = [key.split("\x00", 1)[0] for key in new_keys.to_pylist()]
-    read = storage.read_json_files(state_url, storage_options, names)
-    rows = [_row(name, listed[name].version, record) for name, record in read.items()]
+    versions = dict(key.split("\x00", 1) for key in new_keys.to_pylist())  # name → the version listed
+    read = records.encode(storage.read_json_files(state_url, storage_options, list(versions)).items())
+    read = read.add_column(0, "version", pa.array([versions[n] for n in read.column("name").to_pylist()],
+                                                  pa.string()))
     seq = (seqs[0] if seqs else 0) + 1
     url = checkpoint_url(output_url, seq)
     with (writing or nullcontext)():
@@ -199,10 +165,11 @@ def _fold(output_url: str, state_url: str, storage_options: dict[str, Any] | Non
             with pq.ParquetWriter(tmp, COLUMNS, compression="zstd") as writer:
                 if base is not None:
                     _scan(checkpoint_url(output_url, base), storage_options, held,
-                          lambda batch: batch.num_rows and writer.write_batch(batch, row_group_size=ROW_GROUP))
-                if rows:
-                    writer.write_table(pa.Table.from_pylist(rows, COLUMNS), row_group_size=ROW_GROUP)
-    log.info("folded %d record(s) into checkpoint %s (%d new)", len(held) + len(rows), url, len(rows))
+                          lambda batch: batch.num_rows and writer.write_table(
+                              records.plain_types(pa.Table.from_batches([batch])), row_group_size=ROW_GROUP))
+                if read.num_rows:
+                    writer.write_table(read, row_group_size=ROW_GROUP)
+    log.info("folded %d record(s) into checkpoint %s (%d new)", len(held) + read.num_rows, url, read.num_rows)
     return seq
 
 

@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 from pipeline import index, ledger, storage
 from pipeline import schema as output_schema
 from pipeline.lock import LOCK_PATH
+from pipeline.records import RecordSet
 from pipeline.types import ClipFailure, Shard
 from pipeline.writer import SCHEMA_VERSION, ShardWriteResult
 
@@ -176,9 +177,10 @@ def write_record(output_url: str, shard: Shard, result: ShardWriteResult, failur
 
 
 def load_records(output_url: str, storage_options: dict[str, Any] | None = None, *, check_order: bool = False
-                 ) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
-    """Every record by shard id, and the data files by name with their sizes. The records come from the newest
-    checkpoint where it holds them as listed now, the others from their files (:mod:`pipeline.ledger`).
+                 ) -> tuple[RecordSet, storage.Sizes]:
+    """Every record by shard id (held as columns), and the data files by name with their sizes. The records come
+    from the newest checkpoint where it holds them as listed now, the others from their files
+    (:mod:`pipeline.ledger`).
 
     ``check_order`` (a run's plan and its final manifest): a record that a run whose lock was taken over may have
     written late is left out, as if it had never been written (its file is then stale, and redone): one written
@@ -186,23 +188,27 @@ def load_records(output_url: str, storage_options: dict[str, Any] | None = None,
     (both by the store's clock; the lock's history says when each epoch began). An output copied elsewhere gets new
     modification times: there, the shards of runs that were taken over are redone once."""
     state, data = storage.join(output_url, SHARDS_STATE_DIR), storage.join(output_url, DATA_DIR)
-    listed = storage.list_files_dated(state, storage_options)
+    listed = storage.list_table(state, storage_options)
     records = ledger.load(output_url, state, listed, storage_options)
-    files = storage.list_files_dated(data, storage_options)
+    files = storage.list_table(data, storage_options)
     try:
         history = storage.read_json(storage.join(output_url, LOCK_PATH), storage_options).get("history", [])
     except FileNotFoundError:
         history = []
-    valid = {}
-    for name, record in records.items():
-        data_file = files.get(record["file"].rsplit("/", 1)[-1])
-        why = check_order and _out_of_order(record, listed[name].modified, data_file and data_file.modified, history)
-        if why:
-            log.warning("shard %s: its record is not trusted (%s); the shard will be redone",
-                        record["shard"]["shard_id"], why)
-            continue
-        valid[record["shard"]["shard_id"]] = record
-    return valid, {name: entry.size for name, entry in files.items()}
+    takeovers = [h for h in history if h.get("took_over") and h.get("began") is not None] if check_order else []
+    if takeovers:  # rare: only records written after a run's lock was taken over can be out of order
+        record_times, file_times = (dict(zip(t.column("name").to_pylist(), t.column("modified").to_pylist()))
+                                    for t in (listed, files))
+        trusted = []
+        for name, shard_id, file, epoch, run_id in zip(*(records.column(k).to_pylist() for k in
+                                                         ("name", "shard_id", "file", "epoch", "run_id"))):
+            why = _out_of_order({"epoch": epoch, "run_id": run_id}, record_times[name],
+                                file_times.get(file.rsplit("/", 1)[-1]), history)
+            if why:
+                log.warning("shard %s: its record is not trusted (%s); the shard will be redone", shard_id, why)
+            trusted.append(not why)
+        records = records.filter(trusted)
+    return records, storage.Sizes(files.select(["name", "size"]))
 
 
 def fold_records(output_url: str, storage_options: dict[str, Any] | None = None,

@@ -23,11 +23,17 @@ the container file: its rows are gone when the file is gone from the listing, an
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from pipeline.manifest import file_matches, is_done
+from pipeline.records import RecordSet
+from pipeline.storage import Sizes
 from pipeline.types import Shard
 
 CONTAINER_KINDS = ("webdataset", "parquet")
@@ -47,14 +53,14 @@ class Retire:
 @dataclass
 class Plan:
     shards: list[Shard]  # the listing
-    done: dict[str, dict[str, Any]]  # shard id → record: done and unchanged
+    done: Mapping[str, dict[str, Any]]  # shard id → record: done and unchanged (a RecordSet: columns)
     retained: dict[str, dict[str, Any]]  # shard id → record: retained rows that stay as they are
     pending: list[Shard]  # to encode
     retire: list[Retire]  # to rewrite or delete before encoding
     kept: dict[str, list[str]] = field(default_factory=dict)  # pending shard id → the ids of its retired file's rows
     # (inputs gone from the listing) that go into its new file: decided here, shipped with the job, never re-derived
     changes: dict[str, Any] = field(default_factory=dict)  # for the manifest and `status`
-    change: dict[str, str] = field(default_factory=dict)  # shard id → added / changed / removed / unchanged
+    change: Mapping[str, str] = field(default_factory=dict)  # shard id → added / changed / removed / unchanged
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -63,29 +69,52 @@ class Plan:
         return [r for r in self.retire if self.change.get(r.shard_id) == "removed"]
 
 
-def make_plan(shards: list[Shard], records: dict[str, dict[str, Any]], files: dict[str, int], *, prune: bool,
+def make_plan(shards: list[Shard], records: Mapping[str, dict[str, Any]], files: dict[str, int], *, prune: bool,
               read_ids: Callable[[list[str]], dict[str, list[str]]]) -> Plan:
-    """The plan for ``shards`` given the output's ``records`` and data ``files`` (name → size); ``read_ids(shard_ids)``
-    returns the clip ids in those shards' data files (called once, for the stale files)."""
+    """The plan for ``shards`` given the output's ``records`` (a :class:`~pipeline.records.RecordSet`, or records by
+    shard id) and data ``files`` (name → size); ``read_ids(shard_ids)`` returns the clip ids in those shards' data
+    files (called once, for the stale files).
+
+    The usual case, a done record whose file is there and whose digest the listing still gives, is decided on
+    columns; only the other records (and the files that no record names) are read as dicts."""
+    if not isinstance(records, RecordSet):
+        records = RecordSet.of((f"{shard_id}.json", record) for shard_id, record in records.items())
     by_id = {s.shard_id: s for s in shards}
     kind = shards[0].kind if shards else "files"
-    listed_keys = {m.key for s in shards for m in s.members}
-    file_ids = {name.removesuffix(".parquet") for name in files if name.endswith(".parquet")}
-    foreign = sorted(i for i in file_ids - set(records) - set(by_id) if not i.startswith(SHARD_PREFIXES))
-    file_ids -= set(foreign)  # not a name this tool writes, and no record names it: someone else's file, left alone
-    done, retained, stale = {}, {}, []
-    for shard_id in sorted(set(records) | file_ids):
-        record = records.get(shard_id)
+    listed_ids = pa.array([s.shard_id for s in shards], pa.string())
+    record_ids = records.column("shard_id").combine_chunks()
+    file_names, file_sizes = _file_columns(files)
+    usual = _done_as_listed(records, listed_ids, pa.array([s.digest for s in shards], pa.string()), file_names,
+                            file_sizes)
+    others = dict(records.filter(pc.invert(usual)).items())  # not done, changed, retained, kept rows, damaged
+    file_ids = pc.replace_substring_regex(file_names.filter(pc.ends_with(file_names, ".parquet")),
+                                          pattern=r"\.parquet$", replacement="")
+    unnamed = file_ids.filter(pc.invert(pc.is_in(file_ids, value_set=record_ids))).to_pylist()
+    foreign = sorted(i for i in unnamed if i not in by_id and not i.startswith(SHARD_PREFIXES))
+    # a file whose name this tool does not write, and which no record names: someone else's file, left alone
+
+    listed: set[str] | None = None
+
+    def listed_keys() -> set[str]:  # every clip id of the listing, built only where a record or a stale file needs it
+        nonlocal listed
+        if listed is None:
+            listed = {m.key for s in shards for m in s.members}
+        return listed
+
+    done_others, retained, stale = [], {}, []
+    for shard_id in sorted(set(others) | set(unnamed) - set(foreign)):
+        record = others.get(shard_id)
         valid = record is not None and file_matches(record, files)
         shard = by_id.get(shard_id)
         kept = record.get("kept_ids", []) if record else []
-        keeps_rightly = not kept or (not prune and not any(key in listed_keys for key in kept))
+        keeps_rightly = not kept or (not prune and not any(key in listed_keys() for key in kept))
         if valid and shard is not None and is_done(record, shard) and keeps_rightly:
-            done[shard_id] = record
+            done_others.append(shard_id)
         elif valid and shard is None and record.get("status") == "retained" and keeps_rightly:
             retained[shard_id] = record
         else:
             stale.append(shard_id)
+    done = records.filter(pc.or_(usual, pc.is_in(record_ids, value_set=pa.array(done_others, pa.string()))))
 
     warnings = [f"data/{i}.parquet is not a file of this output (no record names it); it is left alone, and "
                 "readers of data/*.parquet will see it" for i in foreign]
@@ -94,7 +123,7 @@ def make_plan(shards: list[Shard], records: dict[str, dict[str, Any]], files: di
     retire = []
     ids_of = read_ids([s for s in stale if f"{s}.parquet" in files]) if stale else {}
     for shard_id in stale:
-        record, shard = records.get(shard_id), by_id.get(shard_id)
+        record, shard = others.get(shard_id), by_id.get(shard_id)
         ids = ids_of.get(shard_id, [])
         if f"{shard_id}.parquet" not in files:
             if record is not None and record.get("rows"):
@@ -104,18 +133,20 @@ def make_plan(shards: list[Shard], records: dict[str, dict[str, Any]], files: di
         if kind in CONTAINER_KINDS:
             gone[shard_id] = [] if shard is not None else ids
         else:
-            gone[shard_id] = [i for i in ids if i not in listed_keys]
+            gone[shard_id] = [i for i in ids if i not in listed_keys()]
         uri = shard.uri if shard is not None else record["shard"]["uri"] if record else ""
         retire.append(Retire(shard_id, kind, uri, [] if prune else gone[shard_id]))
 
-    pending = [s for s in shards if s.shard_id not in done]
+    is_done_now = pc.is_in(listed_ids, value_set=done.column("shard_id").combine_chunks()).to_numpy(False)
+    pending = [s for s, d in zip(shards, is_done_now) if not d]
     kept = {r.shard_id: r.keep for r in retire if r.keep and r.shard_id in by_id}
     pending_keys = {m.key for s in pending for m in s.members}
     gone_ids = {i for ids in gone.values() for i in ids}
-    old_records = {s for s in stale if s in records}
+    old_records = {s for s in stale if s in others}
+    has_record = pc.is_in(listed_ids, value_set=record_ids).to_numpy(False)
     changes = {
         "shards": {
-            "added": sum(s.shard_id not in records for s in pending),
+            "added": int(np.sum(~is_done_now & ~has_record)),
             "changed": sum(s.shard_id in old_records for s in pending),
             "removed": sum(s not in by_id for s in old_records),
             "unchanged": len(done),
@@ -130,7 +161,48 @@ def make_plan(shards: list[Shard], records: dict[str, dict[str, Any]], files: di
         },
         "prune": prune,
     }
-    change = {**dict.fromkeys([*done, *retained], "unchanged"), **{s: "removed" for s in old_records if s not in by_id},
-              **{s.shard_id: "changed" if s.shard_id in old_records else "added" for s in pending}}
+    change = Changes({**dict.fromkeys(retained, "unchanged"), **{s: "removed" for s in old_records if s not in by_id},
+                      **{s.shard_id: "changed" if s.shard_id in old_records else "added" for s in pending}}, done)
     return Plan(shards, done, retained, pending, retire, kept, changes, change, warnings)
 
+
+def _file_columns(files: Mapping[str, int]) -> tuple[pa.Array, pa.Array]:
+    """The data files' names and sizes as columns."""
+    if isinstance(files, Sizes):
+        return files.listing.column("name").combine_chunks(), files.listing.column("size").combine_chunks()
+    return pa.array(list(files), pa.string()), pa.array(list(files.values()), pa.int64())
+
+
+def _done_as_listed(records: RecordSet, listed_ids: pa.Array, listed_digests: pa.Array, file_names: pa.Array,
+                    file_sizes: pa.Array) -> pa.Array:
+    """Per record: whether it is done as the listing has its shard now (same digest), with its data file there at
+    the recorded size, and no kept rows (those are decided one by one)."""
+    column = records.column
+    digest = pc.take(listed_digests, pc.index_in(column("shard_id"), value_set=listed_ids))
+    names = pc.replace_substring_regex(column("file"), pattern="^.*/", replacement="")
+    sizes = pc.take(file_sizes, pc.index_in(names, value_set=file_names))
+    usual = pc.and_(pc.and_(pc.equal(sizes, column("bytes")), pc.equal(column("digest"), digest)),
+                    pc.and_(pc.equal(column("status").cast(pa.string()), "done"), pc.equal(column("kept"), 0)))
+    return usual.fill_null(False).combine_chunks() if isinstance(usual, pa.ChunkedArray) else usual.fill_null(False)
+
+
+class Changes(Mapping):
+    """Shard id → ``added`` / ``changed`` / ``removed`` / ``unchanged``: the shards ``done`` (a million, as columns)
+    are ``unchanged`` without an entry each."""
+
+    def __init__(self, explicit: dict[str, str], done: RecordSet):
+        self.explicit, self.done = explicit, done
+
+    def __getitem__(self, shard_id: str) -> str:
+        if shard_id in self.explicit:
+            return self.explicit[shard_id]
+        if shard_id in self.done:
+            return "unchanged"
+        raise KeyError(shard_id)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.explicit
+        yield from (s for s in self.done if s not in self.explicit)
+
+    def __len__(self) -> int:
+        return len(self.explicit) + sum(1 for s in self.done if s not in self.explicit)

@@ -417,7 +417,8 @@ def _work(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, s
           ) -> dict[str, Any]:
     """Retire, encode and unify on Ray; return the final manifest (written)."""
     options = cfg.output_options()
-    counters = Progress(_build_manifest(cfg, run_record, plan, {**plan.retained, **plan.done}, session_start),
+    counters = Progress(_build_manifest(cfg, run_record, plan, {**plan.retained, **dict(plan.done.items())},
+                                        session_start),
                         session_start)  # the entries go to the session's first index; then totals only
     window_s = min(cfg.progress_interval_s, MANIFEST_WRITE_WINDOW_S)
     writer = manifest_writer(cfg.output, counters, output.writing, options, window_s)

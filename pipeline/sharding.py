@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 ID_HEX = 16  # hex digits of the shard id's hash (64 bits)
+COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # json.dumps' output, one encoder for all
 
 
 def key_levels(keys: Sequence[str]) -> np.ndarray:
@@ -84,4 +85,4 @@ def shard_id(prefix: str, first_key: str) -> str:
 
 def digest(*parts: object) -> str:
     """A sha256 (hex) of JSON-able ``parts``: what a shard holds, for comparing a done record with the listing."""
-    return hashlib.sha256(json.dumps(parts, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
+    return hashlib.sha256(COMPACT_JSON.encode(parts).encode()).hexdigest()

@@ -31,12 +31,14 @@ import os
 import posixpath
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, NamedTuple
 
 import fsspec
+import numpy as np
+import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import retry
@@ -218,12 +220,22 @@ class Listed(NamedTuple):
     version: str | None
 
 
+LISTING = pa.schema([("name", pa.string()), ("size", pa.int64()), ("modified", pa.float64()), ("version", pa.string())])
+_BATCH = 65_536  # listing entries gathered as Python objects before they become columns
+
+
 def list_files_dated(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Listed]:
     """Like :func:`list_files`, with each file's modification time and version (:class:`Listed`).
 
     Versions: the ETag (S3, Azure) or generation (GCS); on local disk the inode, size and modification time in ns
     (a rewrite is a new file renamed over the old one: a new inode, while the old one still exists). The listing is
     not left in fsspec's directory cache."""
+    table = list_table(url, storage_options)
+    return {name: Listed(*entry) for name, *entry in zip(*(table.column(k).to_pylist() for k in LISTING.names))}
+
+
+def list_table(url: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """:func:`list_files_dated` as columns (:data:`LISTING`): a million files take about 100 MB, not 400."""
     fs, path = get_fs(url, storage_options)
     if isinstance(fs, LocalFileSystem):
         return retry.call(_scan_local, path, what=f"list {url}")
@@ -231,30 +243,95 @@ def list_files_dated(url: str, storage_options: dict[str, Any] | None = None) ->
     try:
         entries = retry.call(fs.ls, path, detail=True, what=f"list {url}")
     except FileNotFoundError:
-        return {}
+        return LISTING.empty_table()
     finally:
         fs.invalidate_cache(path)
-    files = {posixpath.basename(e["name"].rstrip("/")): Listed(int(e["size"]), _modified(e), _version(e))
-             for e in entries if e["type"] == "file"}
-    return {name: value for name, value in files.items() if not name.startswith(".")}
+    named = ((posixpath.basename(e["name"].rstrip("/")), e) for e in entries if e["type"] == "file")
+    return _columns((name, int(e["size"]), _modified(e), _version(e)) for name, e in named if not name.startswith("."))
 
 
-def _scan_local(path: str) -> dict[str, Listed]:
-    found = {}
+def _columns(entries: Iterator[tuple[str, int, float | None, str | None]]) -> pa.Table:
+    batches, batch = [], []
+    for entry in entries:
+        batch.append(entry)
+        if len(batch) == _BATCH:
+            batches.append(_batch(list(zip(*batch))))
+            batch = []
+    if batch:
+        batches.append(_batch(list(zip(*batch))))
+    return pa.Table.from_batches(batches, LISTING)
+
+
+def _batch(columns: list[Any]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays([pa.array(c, t) for c, t in zip(columns, LISTING.types)], schema=LISTING)
+
+
+def _scan_local(path: str) -> pa.Table:
+    batches: list[pa.RecordBatch] = []
+    names: list[str] = []
+    sizes: list[int] = []
+    times: list[float] = []
+    versions: list[str] = []
     try:
-        with os.scandir(path) as entries:
-            for entry in entries:
-                if entry.name.startswith(".") or not entry.is_file():
+        with os.scandir(path) as found:
+            for entry in found:
+                if entry.name[0] == "." or not entry.is_file():
                     continue
                 try:
                     st = entry.stat()
                 except FileNotFoundError:  # deleted since listed
                     continue
-                found[entry.name] = Listed(st.st_size, st.st_mtime,
-                                           f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}")
+                names.append(entry.name)
+                sizes.append(st.st_size)
+                times.append(st.st_mtime)
+                versions.append(f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}")
+                if len(names) == _BATCH:
+                    batches.append(_batch([names, sizes, times, versions]))
+                    names, sizes, times, versions = [], [], [], []
     except FileNotFoundError:
-        return {}
-    return found
+        return LISTING.empty_table()
+    batches.append(_batch([names, sizes, times, versions]))
+    return pa.Table.from_batches(batches, LISTING)
+
+
+class Lookup:
+    """The row of a value in a string column, by binary search over a sorted copy (about 40 bytes a value), built
+    once: a million lookups without a million-entry dict."""
+
+    def __init__(self, column: pa.Array | pa.ChunkedArray):
+        keys = np.array([value.encode() for value in column.to_pylist()], dtype=bytes)
+        self.order = np.argsort(keys, kind="stable")
+        self.keys = keys[self.order]
+
+    def row(self, value: str) -> int | None:
+        key = value.encode()
+        i = int(np.searchsorted(self.keys, key))
+        return int(self.order[i]) if i < len(self.keys) and self.keys[i] == key else None
+
+
+class Sizes(Mapping):
+    """File name → size in bytes, over a listing's columns (:func:`list_table`)."""
+
+    def __init__(self, listing: pa.Table):
+        self.listing = listing
+        self._lookup: Lookup | None = None
+
+    def __len__(self) -> int:
+        return self.listing.num_rows
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.listing.column("name").to_pylist())
+
+    def __getitem__(self, name: str) -> int:
+        if self._lookup is None:
+            self._lookup = Lookup(self.listing.column("name"))
+        row = self._lookup.row(name) if isinstance(name, str) else None
+        if row is None:
+            raise KeyError(name)
+        return self.listing.column("size")[row].as_py()
+
+    def values(self) -> list[int]:  # type: ignore[override]  # in the order of the names
+        return self.listing.column("size").to_pylist()
 
 
 def _version(info: dict[str, Any]) -> str | None:

@@ -33,7 +33,7 @@ class Member:
     error: str = ""  # why it cannot be read, known from the listing (a manifest row without a URI)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Shard:
     """One unit of work: its clips are encoded together and written to one Parquet file, ``data/{shard_id}.parquet``.
 

@@ -122,4 +122,4 @@ def _member(row: dict[str, Any], index: int, manifest_uri: str) -> Member:
 
 
 def _compact(row: dict[str, Any]) -> str:
-    return json.dumps(row, separators=(",", ":"), ensure_ascii=False) if row else ""
+    return sharding.COMPACT_JSON.encode(row) if row else ""
