@@ -55,7 +55,7 @@ WORK = f"{DEDUP_DIR}/work"
 FORMAT = "mimi-tokenize-dedup/1"
 CHUNK_FILES = 16
 PARTITIONS = 16
-VOTES_PER_STEP = 1 << 23  # votes held at once by the votes and pairs stages (about 1 GB of working memory)
+VOTES_PER_STEP = 1 << 22  # votes held at once by the votes and pairs stages (about 1 GB of working memory)
 COLUMNS = ("id", "duration_s", "pcm_hash", "fingerprint")
 MATCHING_PARAMS = ("STOP_OCCURRENCES", "PIVOTS", "CANDIDATE_MATCHES", "MIN_MATCHES", "MIN_DENSITY", "DENSE_MATCHES",
                    "DENSE_DENSITY", "COVER", "SEGMENT_S", "SEGMENT_MIN_CLIPS", "RUN_GAP")
