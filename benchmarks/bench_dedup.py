@@ -7,7 +7,8 @@ how `mimi-tokenize dedup` scales.
 
 Each prints a Markdown table for BENCHMARKS.md. ``scale`` writes an output folder whose rows carry synthetic
 fingerprints (random peaks at speech density; 5 % of clips are copies of others with 20 % of their peaks moved or
-dropped) through the project's writer, then runs the ``dedup`` command in a fresh process and reads its peak RSS.
+dropped) through the project's writer, then runs the ``dedup`` command in a fresh process and reads its peak RSS, and
+each stage's CPU seconds and peak RSS (sampled every 20 ms).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -149,22 +152,66 @@ def _fabricate(root: Path, n_clips: int, seed: int = 0) -> float:
     return float(durations.sum()) / 3600
 
 
+STAGES = ("_prints", "_exact", "_pair_partitions", "_votes", "_pairs", "_clip_info", "_write_tables")
+
+
+def _rss_mib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+
+
+def _dedup_child(root: str, partitions: int) -> None:
+    """Run dedup in this (fresh) process; print its summary, wall time, peak RSS and per stage: calls, CPU s, peak
+    RSS (of the process while the stage ran)."""
+    import threading
+
+    from pipeline import dedup as dd
+
+    peak = [0]
+
+    def sample() -> None:
+        while True:
+            peak[0] = max(peak[0], _rss_mib())
+            time.sleep(0.02)
+
+    stages: dict[str, dict[str, float]] = {}
+
+    def timed(name: str, stage: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            peak[0], cpu = _rss_mib(), time.process_time()
+            try:
+                return stage(*args, **kwargs)
+            finally:
+                s = stages.setdefault(name.strip("_"), {"calls": 0, "cpu_s": 0.0, "peak_mib": 0})
+                s["calls"] += 1
+                s["cpu_s"] += time.process_time() - cpu
+                s["peak_mib"] = max(s["peak_mib"], peak[0], _rss_mib())
+        return run
+
+    for name in STAGES:
+        setattr(dd, name, timed(name, getattr(dd, name)))
+    threading.Thread(target=sample, daemon=True).start()
+    started = time.time()
+    summary = dd.dedup(root, partitions=partitions)
+    print(json.dumps({"wall": time.time() - started, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      "summary": summary, "stages": stages}))
+
+
 def bench_scale(n_clips: int, partitions: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "out"
         started = time.time()
         hours = _fabricate(root, n_clips)
         made = time.time() - started
-        code = ("import json, resource, sys, time; from pipeline.dedup import dedup; t = time.time(); "
-                f"s = dedup({str(root)!r}, partitions={partitions}); "
-                "print(json.dumps({'wall': time.time() - t, 'rss': resource.getrusage(resource.RUSAGE_SELF)"
-                ".ru_maxrss, 'summary': s}))")
+        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import bench_dedup; "
+                f"bench_dedup._dedup_child({str(root)!r}, {partitions})")
         cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).resolve().parents[1]).stdout
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         result = json.loads(out.strip().splitlines()[-1])
         work = sum(f.stat().st_size for f in (root / "_dedup/work").rglob("*") if f.is_file())
+        votes = json.loads((root / "_dedup/work/votes.json").read_text())
         again = time.time()
         second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                 cwd=Path(__file__).resolve().parents[1])
@@ -181,6 +228,11 @@ def bench_scale(n_clips: int, partitions: int) -> None:
     print(f"| {n_clips:,} | {partitions} | {result['wall']:.0f} | {cpu_s:.0f} | {n_clips / cpu_s:,.0f} | "
           f"{result['rss'] / 1024:,.0f} MiB | {work / 2**20:,.0f} MiB | {s['removed_clips']:,} / {s['groups']:,} / "
           f"{s['segments']:,} | {rerun:.1f} s |")
+    print(f"\n{sum(votes['votes']):,} votes (upper bound) over {votes['pair_partitions']} pair partitions.\n")
+    print("| stage | calls | CPU s | peak RSS of the process while it ran |")
+    print("|---|---|---|---|")
+    for name, stage in result["stages"].items():
+        print(f"| {name} | {stage['calls']} | {stage['cpu_s']:.1f} | {stage['peak_mib']:,} MiB |")
 
 
 def main() -> None:

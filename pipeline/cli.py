@@ -186,7 +186,7 @@ EXPECTED_ERRORS += (DedupError,)
          "whether it is kept; per repeated segment its frame ranges), which export --dedup and the loader honour. "
          "Resumes; a rerun on an unchanged output does nothing",
          arg("output", help="output folder URL"),
-         arg("--partitions", type=int, default=16, help="hash partitions: memory per step is about 1/N of the "
+         arg("--partitions", type=int, default=16, help="hash partitions: the join's memory is about 1/N of the "
              "output's landmarks (default 16)"),
          arg("--config", help="YAML config file whose storage_options reach the output"))
 def dedup_command(args: argparse.Namespace) -> int:

@@ -2,18 +2,23 @@
 from the ``pcm_hash`` and ``fingerprint`` columns that the decode pass writes (no audio is read again).
 
 Work happens in stages over Parquet under ``_dedup/work/``, each file written atomically and skipped on a rerun, so
-an interrupted dedup resumes; memory is bounded by one partition, not by the output:
+an interrupted dedup resumes. Memory per step is bounded by one chunk, one hash partition or
+:data:`VOTES_PER_STEP` votes, not by the output (chance votes grow with the square of the landmarks until
+:data:`pipeline.matching.STOP_OCCURRENCES` caps them, so pair partitions are sized by the votes, not fixed):
 
 1. **prints** (per chunk of :data:`CHUNK_FILES` data files): each clip's triplet landmarks (hash, clip, frame) in
    one file with a row group per hash partition, and the clip table (key, id, file, duration, bandwidth, pcm_hash,
    fingerprint and its extent). Clip keys number the clips in file order.
-2. **votes** (per hash partition): the hash join (:func:`pipeline.matching.join_votes`) of the partition's triplet
-   landmarks from every chunk, leaving out all but one clip of each set of exact duplicates; one row group per pair
-   partition.
-3. **pairs** (per pair partition): the votes of the partition's clip pairs from every hash partition; pairs with
+2. **counts**: the votes each hash partition's join will cast (:func:`pipeline.matching.vote_count`), which set
+   the number of pair partitions: ``max(partitions, votes / VOTES_PER_STEP)`` (``votes.json``).
+3. **votes** (per hash partition): the hash join (:func:`pipeline.matching.vote_batches`) of the partition's
+   triplet landmarks from every chunk, leaving out all but one clip of each set of exact duplicates, a batch of at
+   most :data:`VOTES_PER_STEP` votes at a time; per batch, one row group per pair partition (row group
+   ``batch * pair_partitions + q``).
+4. **pairs** (per pair partition): the votes of the partition's clip pairs from every hash partition; pairs with
    :data:`pipeline.matching.CANDIDATE_MATCHES` at one offset are verified on both clips' pair hashes
    (:func:`pipeline.matching.verify`).
-4. **final**: relations, groups and repeated segments (:mod:`pipeline.matching`) from the scored pairs, written as
+5. **final**: relations, groups and repeated segments (:mod:`pipeline.matching`) from the scored pairs, written as
 
 ::
 
@@ -50,6 +55,7 @@ WORK = f"{DEDUP_DIR}/work"
 FORMAT = "mimi-tokenize-dedup/1"
 CHUNK_FILES = 16
 PARTITIONS = 16
+VOTES_PER_STEP = 1 << 22  # votes held at once by the votes and pairs stages (about 1 GB of working memory)
 COLUMNS = ("id", "duration_s", "pcm_hash", "fingerprint")
 MATCHING_PARAMS = ("STOP_OCCURRENCES", "PIVOTS", "CANDIDATE_MATCHES", "MIN_MATCHES", "MIN_DENSITY", "DENSE_MATCHES",
                    "DENSE_DENSITY", "COVER", "SEGMENT_S", "SEGMENT_MIN_CLIPS", "RUN_GAP")
@@ -65,7 +71,7 @@ class DedupError(RuntimeError):
 
 def params(partitions: int) -> dict[str, Any]:
     """What the work depends on besides the data: a change redoes it."""
-    return {"format": FORMAT, "partitions": partitions, "chunk_files": CHUNK_FILES,
+    return {"format": FORMAT, "partitions": partitions, "chunk_files": CHUNK_FILES, "votes_per_step": VOTES_PER_STEP,
             "fingerprint": {k: getattr(fingerprint, k) for k in ("VERSION", "N_FFT", "HOP", "FAN_OUT", "MAX_DT")},
             "matching": {k: getattr(matching, k) for k in MATCHING_PARAMS}}
 
@@ -79,13 +85,21 @@ def _write(url: str, table: pa.Table, storage_options: dict[str, Any] | None, gr
             if groups is None:
                 writer.write_table(table)
             else:
-                bounds = np.searchsorted(groups, np.arange(partitions + 1))
-                for p in range(partitions):
-                    writer.write_table(table.slice(bounds[p], bounds[p + 1] - bounds[p]))
+                _write_partitions(writer, table, groups, partitions)
 
 
-def _read_group(url: str, group: int, storage_options: dict[str, Any] | None) -> pa.Table:
-    return open_parquet(url, storage_options).read_row_group(group)
+def _write_partitions(writer: pq.ParquetWriter, table: pa.Table, groups: np.ndarray, partitions: int) -> None:
+    """One row group per partition of ``table`` (``groups``: each row's partition, sorted), empty ones and ones over
+    Parquet's default row group size (2^20 rows, which would split them and shift the groups after) included."""
+    bounds = np.searchsorted(groups, np.arange(partitions + 1))
+    for p in range(partitions):
+        rows = int(bounds[p + 1] - bounds[p])
+        writer.write_table(table.slice(bounds[p], rows), row_group_size=max(rows, 1))
+
+
+def _read_group(url: str, group: int, storage_options: dict[str, Any] | None, columns: list[str] | None = None
+                ) -> pa.Table:
+    return open_parquet(url, storage_options).read_row_group(group, columns=columns)
 
 
 def _read(url: str, storage_options: dict[str, Any] | None, **kwargs: Any) -> pa.Table:
@@ -130,7 +144,8 @@ def _prints(output_url: str, chunk: list[dict[str, Any]], first_key: int, partit
             prints = [matching.clip_print(fp) for fp in table.column("fingerprint").to_pylist()]
             keys = np.arange(key, key + table.num_rows, dtype=np.int64)
             key += table.num_rows
-            lms.append(matching.many_landmarks(keys.tolist(), prints))
+            lm = matching.many_landmarks(keys.tolist(), prints)
+            lms.append(matching.Landmarks(lm.hashes, lm.keys, lm.times.astype(np.int32), lm.ends.astype(np.int32)))
             bandwidth = table.column("bandwidth_hz") if "bandwidth_hz" in wanted else pa.nulls(table.num_rows,
                                                                                                pa.float64())
             clips.append(pa.table({
@@ -141,14 +156,20 @@ def _prints(output_url: str, chunk: list[dict[str, Any]], first_key: int, partit
                 "first": np.array([cp.first for cp in prints], np.int64),
                 "last": np.array([cp.last for cp in prints], np.int64),
                 "fingerprint": table.column("fingerprint").cast(pa.binary())}))
-    lm = matching.Landmarks.concat(lms)
     if not clips:
         clips.append(pa.table({name: pa.array([], type) for name, type in CLIP_SCHEMA}))
-    part = lm.hashes % partitions
-    order = np.argsort(part, kind="stable")
+    lm = matching.Landmarks.concat(lms)
+    del lms
+    order = np.argsort(_hash_partition(lm.hashes, partitions), kind="stable")
     table = pa.table({"hash": lm.hashes[order], "key": lm.keys[order], "t": lm.times[order].astype(np.int32),
                       "end": lm.ends[order].astype(np.int32)})
     return table, pa.concat_tables(clips)
+
+
+def _hash_partition(hashes: np.ndarray, partitions: int) -> np.ndarray:
+    """The hash partition of triplet hashes: their bits mixed (Fibonacci hashing), since the low bits of a hash are
+    a frame distance, which takes few values (``hash % partitions`` put a third of the landmarks in one of 16)."""
+    return ((hashes.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)) % np.uint64(partitions)
 
 
 def _exact(work: str, chunks: int, storage_options: dict[str, Any] | None) -> list[list[int]]:
@@ -161,26 +182,65 @@ def _exact(work: str, chunks: int, storage_options: dict[str, Any] | None) -> li
     return sorted(sorted(keys) for keys in many.column("key_list").to_pylist())
 
 
-def _votes(work: str, chunks: int, p: int, partitions: int, skip: np.ndarray,
-           storage_options: dict[str, Any] | None) -> tuple[pa.Table, np.ndarray]:
-    """Stage 2 for hash partition ``p``: votes sorted by pair partition, and that partition per row."""
+def _pair_partitions(work: str, chunks: int, partitions: int, storage_options: dict[str, Any] | None) -> int:
+    """Stage 2: the number of pair partitions, from the votes each hash partition will cast (``votes.json``)."""
+    url = storage.join(work, "votes.json")
+    try:
+        return int(storage.read_json(url, storage_options)["pair_partitions"])
+    except (FileNotFoundError, ValueError):
+        pass
+    votes = []
+    for p in range(partitions):
+        hashes = pa.concat_tables([_read_group(storage.join(work, "prints", f"{c:05d}.parquet"), p, storage_options,
+                                               ["hash"]) for c in range(chunks)]).column("hash").to_numpy()
+        votes.append(matching.vote_count(hashes))
+        del hashes
+    pair_partitions = max(partitions, -(-sum(votes) // VOTES_PER_STEP))
+    storage.write_json(url, {"votes": votes, "pair_partitions": pair_partitions}, storage_options)
+    return pair_partitions
+
+
+def _pair_partition(a: np.ndarray, b: np.ndarray, pair_partitions: int) -> np.ndarray:
+    """The pair partition of clip pairs (spread over both keys: a clip in many pairs does not fill one partition)."""
+    return (a.astype(np.int64) * 2654435761 + b) % pair_partitions
+
+
+VOTE_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("offset", pa.int32()), ("t", pa.int32()),
+                         ("end", pa.int32())])
+
+
+def _votes(work: str, chunks: int, p: int, partitions: int, pair_partitions: int, skip: np.ndarray, url: str,
+           storage_options: dict[str, Any] | None) -> None:
+    """Stage 3 for hash partition ``p``: its votes at ``url``, a batch at a time, each batch a row group per pair
+    partition."""
     table = pa.concat_tables([_read_group(storage.join(work, "prints", f"{c:05d}.parquet"), p, storage_options)
                               for c in range(chunks)])
     lm = matching.Landmarks(*(table.column(name).to_numpy().astype(np.int64) for name in ("hash", "key", "t", "end")))
+    del table
     if len(skip):
         keep = ~np.isin(lm.keys, skip)
         lm = matching.Landmarks(lm.hashes[keep], lm.keys[keep], lm.times[keep], lm.ends[keep])
-    votes = matching.join_votes(lm)
-    part = votes.a % partitions
-    order = np.argsort(part, kind="stable")
-    return pa.table({name: getattr(votes, name)[order] for name in ("a", "b", "offset", "t", "end")}), part[order]
+    with storage.atomic_output(url, storage_options) as tmp:
+        with pq.ParquetWriter(tmp, VOTE_SCHEMA, compression="zstd") as writer:
+            for votes in matching.vote_batches(lm, VOTES_PER_STEP):
+                part = _pair_partition(votes.a, votes.b, pair_partitions)
+                order = np.argsort(part, kind="stable")
+                batch = pa.table({name: getattr(votes, name)[order] for name in VOTE_SCHEMA.names}, schema=VOTE_SCHEMA)
+                del votes
+                _write_partitions(writer, batch, part[order], pair_partitions)
 
 
-def _pairs(work: str, chunks: int, q: int, partitions: int, storage_options: dict[str, Any] | None) -> pa.Table:
-    """Stage 3 for pair partition ``q``: the candidate pairs (triplet votes), verified on their pair hashes."""
-    table = pa.concat_tables([_read_group(storage.join(work, "votes", f"{p:03d}.parquet"), q, storage_options)
-                              for p in range(partitions)])
+def _pairs(work: str, chunks: int, q: int, partitions: int, pair_partitions: int,
+           storage_options: dict[str, Any] | None) -> pa.Table:
+    """Stage 4 for pair partition ``q``: the candidate pairs (triplet votes), verified on their pair hashes."""
+    tables = []
+    for p in range(partitions):
+        votes_file = open_parquet(storage.join(work, "votes", f"{p:03d}.parquet"), storage_options)
+        tables.append(votes_file.read_row_groups(range(q, votes_file.metadata.num_row_groups, pair_partitions)))
+    table = pa.concat_tables(tables)
+    del tables
     votes = matching.Votes(*(table.column(n).to_numpy() for n in ("a", "b", "offset", "t", "end")))
+    del table
     candidates = matching.score_pairs(votes, matching.CANDIDATE_MATCHES)
     keys = pa.array(sorted({int(k) for k in np.concatenate([candidates.a, candidates.b])}), pa.int64())
     prints = {}
@@ -242,19 +302,20 @@ def dedup(output_url: str, *, partitions: int = PARTITIONS, storage_options: dic
         if not storage.exists(prints_url, storage_options):
             lm, clips = _prints(output_url, chunk, int(first_keys[c]), partitions, storage_options)
             _write(storage.join(work, "clips", f"{c:05d}.parquet"), clips, storage_options)
-            _write(prints_url, lm, storage_options, lm.column("hash").to_numpy() % partitions, partitions)
+            _write(prints_url, lm, storage_options, _hash_partition(lm.column("hash").to_numpy(), partitions),
+                   partitions)
     exact = _exact(work, len(chunks), storage_options)
     skip = np.array(sorted(k for keys in exact for k in keys[1:]), np.int64)
+    pair_partitions = _pair_partitions(work, len(chunks), partitions, storage_options)
     for p in range(partitions):
         url = storage.join(work, "votes", f"{p:03d}.parquet")
         if not storage.exists(url, storage_options):
-            votes, part = _votes(work, len(chunks), p, partitions, skip, storage_options)
-            _write(url, votes, storage_options, part, partitions)
+            _votes(work, len(chunks), p, partitions, pair_partitions, skip, url, storage_options)
     pair_tables = []
-    for q in range(partitions):
-        url = storage.join(work, "pairs", f"{q:03d}.parquet")
+    for q in range(pair_partitions):
+        url = storage.join(work, "pairs", f"{q:05d}.parquet")
         if not storage.exists(url, storage_options):
-            _write(url, _pairs(work, len(chunks), q, partitions, storage_options), storage_options)
+            _write(url, _pairs(work, len(chunks), q, partitions, pair_partitions, storage_options), storage_options)
         pair_tables.append(_read(url, storage_options))
     table = pa.concat_tables(pair_tables)
     pairs = matching.Pairs(*(table.column(n).to_numpy() for n in PAIR_COLUMNS))

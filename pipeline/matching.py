@@ -7,7 +7,8 @@ output, partition by partition).
    places pair all with all; a more frequent hash (a voice's steady harmonic, but also a jingle heard in thousands of
    episodes) pairs each occurrence with the hash's first :data:`PIVOTS` occurrences only (a star), so its cost grows
    linearly and a segment shared by many clips still links them all to one pivot clip. Each pair of occurrences in
-   two clips is a vote ``(clip a, clip b, offset = t_a - t_b, t_a, end_a)``.
+   two clips is a vote ``(clip a, clip b, offset = t_a - t_b, t_a, end_a)``; :func:`vote_batches` casts them a
+   bounded batch of whole hash groups at a time, and :func:`vote_count` counts them without casting them.
 2. :func:`score_pairs`: per clip pair, the offset with the most matches (±1 frame) and the span its densest run
    of matches covers in both clips; pairs with :data:`CANDIDATE_MATCHES` are candidates, which :func:`verify`
    scores again on the two clips' pair hashes (denser and more robust than triplets, but too unselective to join a
@@ -30,6 +31,7 @@ frames (12.5 per second).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,13 +139,53 @@ class Votes:
                        for name in ("a", "b", "offset", "t", "end")))
 
 
+def group_votes(sizes: np.ndarray, stop: int = STOP_OCCURRENCES, pivots: int = PIVOTS) -> np.ndarray:
+    """The votes that hash groups of ``sizes`` occurrences cast (an upper bound: pairs within one clip are dropped)."""
+    sizes = np.asarray(sizes, np.int64)
+    return np.where(sizes <= stop, sizes * (sizes - 1) // 2, pivots * (sizes - 1) - pivots * (pivots - 1) // 2)
+
+
+def vote_count(hashes: np.ndarray, stop: int = STOP_OCCURRENCES, pivots: int = PIVOTS) -> int:
+    """The votes (upper bound, as :func:`group_votes`) that a join of these hashes casts, without casting them."""
+    h = np.sort(hashes)
+    starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]]) if len(h) else np.zeros(0, np.int64)
+    return int(group_votes(np.diff(np.r_[starts, len(h)]), stop, pivots).sum())
+
+
 def join_votes(lm: Landmarks, stop: int = STOP_OCCURRENCES, pivots: int = PIVOTS) -> Votes:
     """The votes of every pair of occurrences of a hash in two clips (see the module docstring)."""
+    return Votes.concat(list(vote_batches(lm, None, stop, pivots)))
+
+
+def vote_batches(lm: Landmarks, budget: int | None, stop: int = STOP_OCCURRENCES, pivots: int = PIVOTS
+                 ) -> Iterator[Votes]:
+    """:func:`join_votes` a batch of whole hash groups at a time, each casting at most ``budget`` votes (a group
+    that casts more is a batch of its own; None: one batch). The votes are the same, in another order."""
     order = sort_order(lm.keys, lm.hashes)  # stable: within a clip, the landmarks' own (deterministic) order
     h, k, t, e = lm.hashes[order], lm.keys[order], lm.times[order], lm.ends[order]
+    del order
     n = len(h)
     if not n:
-        return Votes.concat([])
+        return
+    starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
+    cuts = [0]
+    if budget is not None:
+        cast = np.cumsum(group_votes(np.diff(np.r_[starts, n]), stop, pivots))
+        group = 0
+        while group < len(starts):
+            done = int(cast[group - 1]) if group else 0
+            group = max(int(np.searchsorted(cast, done + budget, "right")), group + 1)
+            cuts.append(int(starts[group]) if group < len(starts) else n)
+    else:
+        cuts.append(n)
+    del starts
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        yield _join_sorted(h[lo:hi], k[lo:hi], t[lo:hi], e[lo:hi], stop, pivots)
+
+
+def _join_sorted(h: np.ndarray, k: np.ndarray, t: np.ndarray, e: np.ndarray, stop: int, pivots: int) -> Votes:
+    """The votes of landmarks sorted by hash (whole hash groups), then clip."""
+    n = len(h)
     starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
     sizes = np.diff(np.r_[starts, n])
     size = np.repeat(sizes, sizes)

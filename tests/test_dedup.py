@@ -7,6 +7,7 @@ import json
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import xxhash
@@ -98,6 +99,31 @@ def test_planted_corpus_accuracy(planted):
     assert 55 <= frames[1] - frames[0] <= 80  # 5 s at 12.5 frames/s, within the tolerance above
 
 
+def test_votes_cast_in_bounded_batches_and_counted_without_casting():
+    rng = np.random.default_rng(5)
+    n = 20_000
+    lm = matching.Landmarks(rng.integers(0, 3_000, n), np.arange(n), rng.integers(0, 900, n), rng.integers(0, 900, n))
+    lm.hashes[:600] = 7  # over STOP_OCCURRENCES: a star on PIVOTS pivots
+    whole = matching.join_votes(lm)
+    batches = list(matching.vote_batches(lm, 1_000))
+    assert len(batches) > 10
+    assert all(len(b.a) <= 1_000 or len(set(b.a.tolist()) & set(range(600))) for b in batches)
+
+    def rows(v: matching.Votes) -> list[tuple[int, ...]]:
+        return sorted(zip(*(x.tolist() for x in (v.a, v.b, v.offset, v.t, v.end))))
+
+    assert rows(matching.Votes.concat(batches)) == rows(whole)
+    assert matching.vote_count(lm.hashes) == len(whole.a) == sum(len(b.a) for b in batches)
+
+
+def test_a_partition_over_parquets_row_group_size_keeps_its_row_group(tmp_path):
+    """Row group p is partition p, even past 2^20 rows (Parquet's default would split it and shift the rest)."""
+    groups = np.repeat([0, 2], [5, (1 << 20) + 1])
+    dd._write(str(tmp_path / "parts.parquet"), pa.table({"x": np.zeros(len(groups), np.int8)}), None, groups, 4)
+    meta = pq.ParquetFile(tmp_path / "parts.parquet").metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [5, 0, (1 << 20) + 1, 0]
+
+
 # --- the command on an output folder -------------------------------------------------------------------------------
 
 
@@ -159,6 +185,13 @@ def test_dedup_command_export_and_loader(planted, tmp_path, capsys, monkeypatch)
     before = {f: f.stat().st_mtime_ns for f in (tmp_path / "out/_dedup").rglob("*") if f.is_file()}
     assert main(["dedup", root, "--partitions", "3"]) == 0
     assert {f: f.stat().st_mtime_ns for f in (tmp_path / "out/_dedup").rglob("*") if f.is_file()} == before
+    # votes cast and scored a few at a time, over many pair partitions: the same tables
+    monkeypatch.setattr(dd, "VOTES_PER_STEP", 200)
+    dd.dedup(root, partitions=3)
+    assert json.loads((tmp_path / "out/_dedup/work/votes.json").read_text())["pair_partitions"] > 3
+    assert {f.name: pq.read_table(f).to_pylist() for f in (tmp_path / "out/_dedup/clips").iterdir()} == tables
+    assert pq.read_table(tmp_path / "out/_dedup/segments.parquet").to_pylist() == segments
+    monkeypatch.undo()
     capsys.readouterr()
     assert main(["status", root]) == 0
     assert "duplicates: 2 of 14 clips" in capsys.readouterr().out
