@@ -35,6 +35,7 @@ import pyarrow as pa
 import scipy.fft
 import soxr
 import xxhash
+from scipy.linalg.blas import isamax
 
 from pipeline.fingerprint import Fingerprinter
 from pipeline.types import SAMPLE_RATE
@@ -112,8 +113,7 @@ def _parseval() -> np.ndarray:
     return weights
 
 
-_PLAIN = _parseval().astype(np.float32)
-_K_WEIGHTED = (_parseval() * k_weighting_power(FRAME)).astype(np.float32)
+_WEIGHTS = np.stack([_parseval(), _parseval() * k_weighting_power(FRAME)]).astype(np.float32)  # plain, K-weighted
 _vad_models = threading.local()
 
 
@@ -168,16 +168,16 @@ class ClipSignals:
         self.pending = np.zeros(0, np.float32)  # 24 kHz samples not yet in a whole frame
         self.levels: list[np.ndarray] = []  # per whole frame: mean square, plain and K-weighted [n, 2]
         self.spectrum = np.zeros(FRAME // 2 + 1)
-        self.samples = 0
 
     def original(self, block: np.ndarray) -> None:
         """A decoded block ``[channels, n]`` at the clip's own rate, before mixing and resampling."""
         if not block.size:
             return
-        high, low = float(block.max()), float(block.min())
-        self.peak = max(self.peak, high, -low)
-        if high >= FULL_SCALE or low <= -FULL_SCALE:
-            self.clipped += int(np.count_nonzero(block >= FULL_SCALE) + np.count_nonzero(block <= -FULL_SCALE))
+        samples = np.ascontiguousarray(block, np.float32).reshape(-1)
+        peak = abs(float(samples[isamax(samples)]))  # BLAS: the largest |x| in one pass (max and min take two)
+        self.peak = max(self.peak, peak)
+        if peak >= FULL_SCALE:
+            self.clipped += int(np.count_nonzero(np.abs(samples) >= FULL_SCALE))
         self.decoded += block.size
 
     def mono(self, audio: np.ndarray) -> None:
@@ -187,7 +187,6 @@ class ClipSignals:
         self.fingerprinter.feed(audio)
         if self.vad is not None:
             self.vad.feed(audio)
-        self.samples += len(audio)
         x = np.concatenate([self.pending, audio]) if len(self.pending) else audio
         whole = len(x) // FRAME * FRAME
         if whole:
@@ -198,9 +197,9 @@ class ClipSignals:
         """Accumulate the frames' power spectrum; return their mean squares, plain and K-weighted ``[n, 2]``."""
         spectra = scipy.fft.rfft(frames, axis=1)  # float32 in, complex64 out
         power = spectra.real ** 2 + spectra.imag ** 2
-        self.spectrum += power.sum(axis=0, dtype=np.float64)
+        self.spectrum += np.add.reduce(power, axis=0)  # float32 over one block's frames, float64 across blocks
         # einsum, not a matrix product (BLAS threads cost more CPU than they save here) nor products and sums
-        return np.stack([np.einsum("ij,j->i", power, _PLAIN), np.einsum("ij,j->i", power, _K_WEIGHTED)], axis=1)
+        return np.einsum("ij,kj->ki", power, _WEIGHTS).T
 
     def finish(self) -> Signals:
         """The clip's signals (call once, after its last block)."""
