@@ -113,7 +113,9 @@ def _parseval() -> np.ndarray:
     return weights
 
 
-_WEIGHTS = np.stack([_parseval(), _parseval() * k_weighting_power(FRAME)]).astype(np.float32)  # plain, K-weighted
+# [2, 2 * bins]: plain and K-weighted, each repeated for a bin's (re, im) pair: weighting the squared parts sums the
+# weighted power spectrum without forming it
+_WEIGHTS = np.repeat(np.stack([_parseval(), _parseval() * k_weighting_power(FRAME)]), 2, axis=1).astype(np.float32)
 _vad_models = threading.local()
 
 
@@ -167,7 +169,7 @@ class ClipSignals:
         self.peak, self.clipped, self.decoded = 0.0, 0, 0
         self.pending = np.zeros(0, np.float32)  # 24 kHz samples not yet in a whole frame
         self.levels: list[np.ndarray] = []  # per whole frame: mean square, plain and K-weighted [n, 2]
-        self.spectrum = np.zeros(FRAME // 2 + 1)
+        self.spectrum = np.zeros(FRAME + 2)  # the frames' summed squared (re, im) parts, per rfft bin
 
     def original(self, block: np.ndarray) -> None:
         """A decoded block ``[channels, n]`` at the clip's own rate, before mixing and resampling."""
@@ -195,11 +197,11 @@ class ClipSignals:
 
     def _frames(self, frames: np.ndarray) -> np.ndarray:
         """Accumulate the frames' power spectrum; return their mean squares, plain and K-weighted ``[n, 2]``."""
-        spectra = scipy.fft.rfft(frames, axis=1)  # float32 in, complex64 out
-        power = spectra.real ** 2 + spectra.imag ** 2
-        self.spectrum += np.add.reduce(power, axis=0)  # float32 over one block's frames, float64 across blocks
+        parts = scipy.fft.rfft(frames, axis=1).view(np.float32)  # float32 in, complex64 out: (re, im) pairs
+        np.square(parts, out=parts)
+        self.spectrum += np.add.reduce(parts, axis=0)  # float32 over one block's frames, float64 across blocks
         # einsum, not a matrix product (BLAS threads cost more CPU than they save here) nor products and sums
-        return np.einsum("ij,kj->ki", power, _WEIGHTS).T
+        return np.einsum("ij,kj->ki", parts, _WEIGHTS).T
 
     def finish(self) -> Signals:
         """The clip's signals (call once, after its last block)."""
@@ -227,7 +229,7 @@ class ClipSignals:
             peak_dbfs=float(20 * np.log10(self.peak)) if self.peak > 0 else None,
             clipping_share=self.clipped / self.decoded if self.decoded else None,
             silence_share=float(weights[silent].sum() / weights.sum()) if len(weights) else None,
-            bandwidth_hz=_bandwidth(self.spectrum),
+            bandwidth_hz=_bandwidth(self.spectrum[0::2] + self.spectrum[1::2]),
             speech_share=self.vad.finish() if self.vad is not None else None,
         )
 
