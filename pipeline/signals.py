@@ -177,7 +177,7 @@ class ClipSignals:
         if not block.size:
             return
         samples = np.ascontiguousarray(block, np.float32).reshape(-1)
-        peak = abs(float(samples[isamax(samples)]))  # BLAS: the largest |x| in one pass (max and min take two)
+        peak = abs(float(samples[isamax(samples)]))  # BLAS: the largest |x| in one pass; max and min take two
         self.peak = max(self.peak, peak)
         if peak >= FULL_SCALE:
             self.clipped += int(np.count_nonzero(np.abs(samples) >= FULL_SCALE))
