@@ -84,6 +84,18 @@ def best_cpu_s(fn, repeat: int) -> float:
     return best
 
 
+def best_cpu_s_each(fns: dict, repeat: int) -> dict:
+    """The least CPU time of each of ``fns`` over ``repeat`` rounds that call every one in turn: a load that comes and
+    goes weighs on all of them alike, so their ratios hold on a shared machine."""
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.process_time()
+            fn()
+            best[name] = min(best[name], time.process_time() - start)
+    return best
+
+
 def drain(reader_class, data: bytes) -> list[np.ndarray]:
     """Every decoded block of ``data`` read by ``reader_class`` (a pipeline.decode reader)."""
     reader = reader_class(io.BytesIO(data))
@@ -142,22 +154,18 @@ def bench_signals(args: argparse.Namespace) -> None:
     import scipy.signal
     import xxhash
 
-    from pipeline.decode import _SoundfileReader
+    from pipeline.decode import _PyAVReader, _SoundfileReader
     from pipeline.fingerprint import Fingerprinter
     from pipeline.resample import MonoResampler
     from pipeline.signals import ClipSignals
 
-    def cpu(fn) -> float:
-        return best_cpu_s(fn, args.repeat) * 3600 / args.seconds
-
-    def decode(data: bytes) -> list[np.ndarray]:
-        return drain(_SoundfileReader, data)
-
     rows = []
     for rate in (16_000, 24_000, 44_100, 48_000):
         samples = speechlike(args.seconds, rate)
-        decoded = {name: encoded(name, samples, rate) for name in ("WAV 16-bit", "FLAC", "MP3")}
-        blocks = decode(decoded["FLAC"])
+        readers = {"WAV 16-bit": _SoundfileReader, "FLAC": _SoundfileReader, "MP3": _SoundfileReader,
+                   "AAC (m4a)": _PyAVReader}  # the decode table's better decoder of each
+        decoded = {name: encoded(name, samples, rate) for name in readers}
+        blocks = drain(_SoundfileReader, decoded["FLAC"])
         resampler = MonoResampler(rate, 2)
         mono = [m for m in [*(resampler.push(b) for b in blocks), resampler.flush()] if len(m)]
 
@@ -186,18 +194,20 @@ def bench_signals(args: argparse.Namespace) -> None:
                 fp.feed(m)
             fp.finish()
 
-        t_rs = cpu(resample)
-        base = {name: cpu(lambda d=data: decode(d)) + t_rs for name, data in decoded.items()}
-        t_all, t_mono = cpu(signals), cpu(lambda: signals(original=False))
-        t_hash, t_fp = cpu(hashed), cpu(fingerprinted)
-        t_vad = cpu(lambda: signals(vad=True)) - t_all if rate == 24_000 else None
         shelf = np.concatenate(scipy.signal.iirfilter(2, 1500 / 12_000, btype="highpass", output="sos"))
-        t_iir = cpu(lambda: [scipy.signal.sosfilt(np.stack([shelf, shelf]), m) for m in mono])
-        rows.append((rate, t_all, t_hash, t_fp, t_mono - t_hash - t_fp, t_all - t_mono, t_iir, t_vad, base))
+        fns = {"resample": resample, "all": signals, "mono": lambda: signals(original=False), "hash": hashed,
+               "fp": fingerprinted, "iir": lambda: [scipy.signal.sosfilt(np.stack([shelf, shelf]), m) for m in mono],
+               **{name: lambda r=readers[name], d=data: drain(r, d) for name, data in decoded.items()}}
+        if rate == 24_000:
+            fns["vad"] = lambda: signals(vad=True)
+        t = {k: v * 3600 / args.seconds for k, v in best_cpu_s_each(fns, args.repeat).items()}
+        base = {name: t[name] + t["resample"] for name in decoded}
+        rows.append((rate, t["all"], t["hash"], t["fp"], t["mono"] - t["hash"] - t["fp"], t["all"] - t["mono"],
+                     t["iir"], t["vad"] - t["all"] if "vad" in t else None, base))
     print(header(f"Per-clip signals: stereo speech-like audio ({args.seconds:g} s, FLAC decoded once), one thread, "
-                 f"best of {args.repeat}; CPU seconds per audio hour"))
+                 f"best of {args.repeat} rounds timing every part in turn; CPU seconds per audio hour"))
     print("| source rate | signals (default, all) | pcm_hash | fingerprint | 24 kHz frames (FFT: loudness, silence, "
-          "bandwidth) | peak + clipping (source samples) | share of decode + resample: WAV / FLAC / MP3 | "
+          "bandwidth) | peak + clipping (source samples) | share of decode + resample: WAV / FLAC / MP3 / AAC | "
           "time-domain K-weighting (sosfilt, for comparison) |")
     print("|---|---|---|---|---|---|---|---|")
     for rate, t_all, t_hash, t_fp, t_frames, t_orig, t_iir, t_vad, base in rows:

@@ -77,11 +77,8 @@ class Fingerprinter:
         n = (len(low) - N_FFT) // HOP + 1 if len(low) >= N_FFT else 0
         if n <= 0:
             return
-        halves = low[:(n + 1) * HOP].reshape(-1, HOP)  # frame k = halves k and k + 1 (HOP is half a frame)
-        frames = np.empty((n, N_FFT), np.float32)
-        np.multiply(halves[:-1], _WINDOW[:HOP], out=frames[:, :HOP])
-        np.multiply(halves[1:], _WINDOW[HOP:], out=frames[:, HOP:])
-        parts = scipy.fft.rfft(frames, axis=1).view(np.float32)  # (re, im) pairs
+        frames = np.lib.stride_tricks.as_strided(low, (n, N_FFT), (HOP * low.itemsize, low.itemsize), writeable=False)
+        parts = scipy.fft.rfft(frames * _WINDOW, axis=1).view(np.float32)  # (re, im) pairs
         np.square(parts, out=parts)
         spec = np.empty((len(self._spec) + n, _WIDTH), np.float32)
         spec[:len(self._spec)] = self._spec
@@ -101,16 +98,16 @@ class Fingerprinter:
         ready = len(spec) - 2 * PEAK_FRAMES
         if ready > 0:
             core = spec[PEAK_FRAMES:PEAK_FRAMES + ready, PEAK_BINS:-PEAK_BINS]
-            mean = core.mean(axis=1, keepdims=True)  # of the log power: robust to a few loud bins
+            mean = core.mean(axis=1)  # of the log power: robust to a few loud bins
             local = _running_max(_running_max(spec, 2 * PEAK_FRAMES + 1, axis=0), 2 * PEAK_BINS + 1, axis=1)
-            peak = (core >= np.maximum(mean + PEAK_OVER_MEAN_DB, _FLOOR)) & (core == local)
-            crowded = np.flatnonzero(np.count_nonzero(peak, axis=1) > PEAKS_PER_FRAME)
-            if len(crowded):  # keep those at least as strong as their frame's 3rd (ties kept)
-                score = np.where(peak[crowded], core[crowded], -np.inf)
-                peak[crowded] &= score >= -np.sort(-score, axis=1)[:, PEAKS_PER_FRAME - 1:PEAKS_PER_FRAME]
-            t, f = np.nonzero(peak)
-            self._times.append(t.astype(np.int64) + self._first + PEAK_FRAMES)
-            self._bins.append(f.astype(np.int64))
+            # The local maxima are few (about 1 bin in 100): threshold and rank those, not the whole spectrum.
+            t, f = np.divmod(np.flatnonzero(core == local), core.shape[1])
+            value = core[t, f]
+            strong = value >= np.maximum(mean[t] + PEAK_OVER_MEAN_DB, _FLOOR)
+            t, f, value = t[strong], f[strong], value[strong]
+            t, f = _strongest(t, f, value, np.bincount(t, minlength=ready))
+            self._times.append(t + self._first + PEAK_FRAMES)
+            self._bins.append(f)
             self._first += ready
             spec = spec[ready:]
         self._spec = spec
@@ -127,6 +124,21 @@ class Fingerprinter:
         times = np.concatenate(self._times) if self._times else np.zeros(0, np.int64)
         bins = np.concatenate(self._bins) if self._bins else np.zeros(0, np.int64)
         return encode(times, bins)
+
+
+def _strongest(t: np.ndarray, f: np.ndarray, value: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The peaks (frame ``t``, bin ``f``, in frame order) of frames with more than :data:`PEAKS_PER_FRAME` cut to
+    those at least as strong as their frame's :data:`PEAKS_PER_FRAME`-th (ties kept); ``counts``: peaks per frame."""
+    crowded = counts > PEAKS_PER_FRAME
+    if not crowded.any():
+        return t, f
+    member = crowded[t]
+    ranked = value[member][np.lexsort((-value[member], t[member]))]  # by frame, strongest first
+    sizes = np.where(crowded, counts, 0)
+    cut = np.full(len(counts), -np.inf, np.float32)
+    cut[crowded] = ranked[(np.cumsum(sizes) - sizes)[crowded] + PEAKS_PER_FRAME - 1]
+    keep = value >= cut[t]
+    return t[keep], f[keep]
 
 
 def _running_max(x: np.ndarray, width: int, axis: int) -> np.ndarray:
