@@ -4,7 +4,7 @@ object per shard.
 The records ``_state/shards/{shard_id}.json`` (:mod:`pipeline.manifest`) stay the unit of commit. A checkpoint
 ``_state/checkpoints/{seq:012d}.parquet`` is a cache of them, as Delta Lake folds its JSON log into Parquet: one row
 per record file with the ``version`` its listing gave before it was read (ETag on S3; inode, size and times in ns on
-local disk: :func:`pipeline.storage.list_files_dated`), its ``name``, and the record as columns
+local disk: `pipeline.storage.list_table`), its ``name``, and the record as columns
 (:mod:`pipeline.records`): read back, it is an Arrow table, not a million parsed objects. A reader takes a
 record from the newest readable checkpoint only where the listing still gives its file the same version, reads the
 others, and ignores the rows of files no longer listed, so correctness never depends on a checkpoint: a damaged or
@@ -94,8 +94,8 @@ def _read(url: str, storage_options: dict[str, Any] | None, wanted: pa.Array) ->
 def load(output_url: str, state_url: str, listed: pa.Table,
          storage_options: dict[str, Any] | None = None) -> records.RecordSet:
     """The records of the files ``listed`` (:func:`pipeline.storage.list_table`) in the folder ``state_url``
-    (``*.json``), as columns: from the newest
-    readable checkpoint where it holds the file's listed version, else read from the store."""
+    (``*.json``), as columns: from the newest readable checkpoint where it holds the file's listed version, else read
+    from the store."""
     wanted, table = _listed_keys(listed), records.encode([])
     if len(wanted):
         for seq in checkpoints(output_url, storage_options):

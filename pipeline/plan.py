@@ -183,7 +183,7 @@ def _done_as_listed(records: RecordSet, listed_ids: pa.Array, listed_digests: pa
     sizes = pc.take(file_sizes, pc.index_in(names, value_set=file_names))
     usual = pc.and_(pc.and_(pc.equal(sizes, column("bytes")), pc.equal(column("digest"), digest)),
                     pc.and_(pc.equal(column("status").cast(pa.string()), "done"), pc.equal(column("kept"), 0)))
-    return usual.fill_null(False).combine_chunks() if isinstance(usual, pa.ChunkedArray) else usual.fill_null(False)
+    return usual.fill_null(False).combine_chunks()
 
 
 class Changes(Mapping):

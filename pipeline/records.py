@@ -5,8 +5,8 @@ A record (:func:`pipeline.manifest.write_record`) is a small JSON object. Parsed
 objects and 15 µs; a million of them are what made a rerun's plan slow and large. :class:`RecordSet` keeps them in
 one Arrow table: one typed column per field (a record of the usual shape, as the writer makes it), its failures and
 kept ids as JSON only where they are not empty, and the whole record as JSON for any other shape (an older writer's,
-one edited by hand), so that every record reads back exactly as it was written. The columns the plan needs
-(:data:`PLAN_COLUMNS`) are filled for every record, whatever its shape.
+one edited by hand), so that every record reads back exactly as it was written. The columns the plan compares
+(shard id, digest, status, file, bytes, kept, run id, epoch) are filled for every record, whatever its shape.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ FIELDS = (("status", pa.string()), ("file", pa.string()), ("rows", pa.int64()), 
           ("attempt", pa.int64()))
 WRITER = (("run_id", pa.string()), ("epoch", pa.int64()))  # absent (both null) for a record without a writer
 LISTS = ("failures", "kept_ids")
-PLAN_COLUMNS = ("shard_id", "digest", "status", "file", "bytes", "kept", "epoch", "run_id")
 COLUMNS = pa.schema([("name", pa.string()), *SHARD_FIELDS, *FIELDS, *WRITER, ("kept", pa.int64()),
                      ("lists", pa.string()), ("record", pa.string()), ("schema", pa.string())])
 DICTIONARY = ("kind", "uri", "status", "started", "finished", "run_id", "schema")  # repeated values: one copy each

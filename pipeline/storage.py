@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -208,34 +208,22 @@ def list_files(url: str, storage_options: dict[str, Any] | None = None) -> dict[
 
     Hidden files (temporaries of :func:`atomic_output`) are left out.
     """
-    return {name: listed.size for name, listed in list_files_dated(url, storage_options).items()}
-
-
-class Listed(NamedTuple):
-    """A file as a listing gives it: size, modification time by the store's clock (None where unknown), and a
-    version token that changes whenever the object is rewritten (None where the store gives none)."""
-
-    size: int
-    modified: float | None
-    version: str | None
+    table = list_table(url, storage_options)
+    return dict(zip(table.column("name").to_pylist(), table.column("size").to_pylist()))
 
 
 LISTING = pa.schema([("name", pa.string()), ("size", pa.int64()), ("modified", pa.float64()), ("version", pa.string())])
-_BATCH = 65_536  # listing entries gathered as Python objects before they become columns
+_BATCH = 65_536  # local listing entries gathered as Python objects before they become columns
 
 
-def list_files_dated(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Listed]:
-    """Like :func:`list_files`, with each file's modification time and version (:class:`Listed`).
+def list_table(url: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """Like :func:`list_files`, as columns (:data:`LISTING`; a million files take about 100 MB): each file's name,
+    size, modification time by the store's clock (null where unknown), and a version token that changes whenever
+    the object is rewritten (null where the store gives none).
 
     Versions: the ETag (S3, Azure) or generation (GCS); on local disk the inode, size and modification time in ns
     (a rewrite is a new file renamed over the old one: a new inode, while the old one still exists). The listing is
     not left in fsspec's directory cache."""
-    table = list_table(url, storage_options)
-    return {name: Listed(*entry) for name, *entry in zip(*(table.column(k).to_pylist() for k in LISTING.names))}
-
-
-def list_table(url: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
-    """:func:`list_files_dated` as columns (:data:`LISTING`): a million files take about 100 MB, not 400."""
     fs, path = get_fs(url, storage_options)
     if isinstance(fs, LocalFileSystem):
         return retry.call(_scan_local, path, what=f"list {url}")
@@ -246,23 +234,13 @@ def list_table(url: str, storage_options: dict[str, Any] | None = None) -> pa.Ta
         return LISTING.empty_table()
     finally:
         fs.invalidate_cache(path)
-    named = ((posixpath.basename(e["name"].rstrip("/")), e) for e in entries if e["type"] == "file")
-    return _columns((name, int(e["size"]), _modified(e), _version(e)) for name, e in named if not name.startswith("."))
+    named = [(posixpath.basename(e["name"].rstrip("/")), e) for e in entries if e["type"] == "file"]
+    named = [(name, e) for name, e in named if not name.startswith(".")]
+    return pa.Table.from_batches([_batch([[name for name, _ in named], [int(e["size"]) for _, e in named],
+                                          [_modified(e) for _, e in named], [_version(e) for _, e in named]])])
 
 
-def _columns(entries: Iterator[tuple[str, int, float | None, str | None]]) -> pa.Table:
-    batches, batch = [], []
-    for entry in entries:
-        batch.append(entry)
-        if len(batch) == _BATCH:
-            batches.append(_batch(list(zip(*batch))))
-            batch = []
-    if batch:
-        batches.append(_batch(list(zip(*batch))))
-    return pa.Table.from_batches(batches, LISTING)
-
-
-def _batch(columns: list[Any]) -> pa.RecordBatch:
+def _batch(columns: list[list[Any]]) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays([pa.array(c, t) for c, t in zip(columns, LISTING.types)], schema=LISTING)
 
 
@@ -329,9 +307,6 @@ class Sizes(Mapping):
         if row is None:
             raise KeyError(name)
         return self.listing.column("size")[row].as_py()
-
-    def values(self) -> list[int]:  # type: ignore[override]  # in the order of the names
-        return self.listing.column("size").to_pylist()
 
 
 def _version(info: dict[str, Any]) -> str | None:
