@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "_state/checkpoints"
 KEEP = 2  # checkpoints kept: the newest, and the one before it (a reader that listed just before a new one landed)
 ROW_GROUP = 50_000  # rows per row group and per batch read (bounds the memory of reading one)
+READ_BATCH = 10_000  # record files read, parsed and made columns at a time (bounds a first fold's memory)
 COLUMNS = pa.schema([("version", pa.string()), *records.COLUMNS])  # a record file's listed version, its record
 _NAME = re.compile(r"\d{12}\.parquet")
 
@@ -107,12 +108,23 @@ def load(output_url: str, state_url: str, listed: pa.Table,
                 log.warning("checkpoint %s cannot be read (%s); the records it holds are read one by one",
                             url, retry.brief(exc))
     names = _json_names(listed).column("name").combine_chunks()
-    missing = names.filter(pc.invert(pc.is_in(names, value_set=table.column("name").combine_chunks()))).to_pylist()
-    fetched = records.encode(storage.read_json_files(state_url, storage_options, missing).items())
+    missing = names.filter(pc.invert(pc.is_in(names, value_set=table.column("name").combine_chunks())))
+    fetched = [table for _, table in _read_files(state_url, storage_options, missing)]
     pa.default_memory_pool().release_unused()  # the checkpoint's read buffers, back to the system
-    if not fetched.num_rows:
+    if not fetched:
         return records.RecordSet(table)
-    return records.RecordSet(pa.concat_tables([records.plain_types(table), fetched]))
+    return records.RecordSet(pa.concat_tables([records.plain_types(table), *fetched]))
+
+
+def _read_files(state_url: str, storage_options: dict[str, Any] | None, names: pa.Array
+                ) -> Iterator[tuple[int, pa.Table]]:
+    """The record files ``names`` in the folder ``state_url``, read and made columns :data:`READ_BATCH` at a time,
+    each with the position in ``names`` of its batch's first (a file deleted since it was listed is left out)."""
+    for start in range(0, len(names), READ_BATCH):
+        part = names.slice(start, READ_BATCH).to_pylist()
+        table = records.encode(storage.read_json_files(state_url, storage_options, part).items())
+        if table.num_rows:
+            yield start, table
 
 
 def compact(output_url: str, state_url: str, storage_options: dict[str, Any] | None = None,
@@ -153,11 +165,9 @@ def _fold(output_url: str, state_url: str, storage_options: dict[str, Any] | Non
         held = all_keys.filter(pc.is_in(all_keys, value_set=wanted))
         if len(held) == len(all_keys) == len(wanted):
             return None  # the newest checkpoint holds exactly the records listed now
-    new_keys = wanted.filter(pc.invert(pc.is_in(wanted, value_set=held)))
-    versions = dict(key.split("\x00", 1) for key in new_keys.to_pylist())  # name → the version listed
-    read = records.encode(storage.read_json_files(state_url, storage_options, list(versions)).items())
-    read = read.add_column(0, "version", pa.array([versions[n] for n in read.column("name").to_pylist()],
-                                                  pa.string()))
+    new_keys = pc.split_pattern(wanted.filter(pc.invert(pc.is_in(wanted, value_set=held))), "\x00", max_splits=1)
+    new_names, new_versions = pc.list_element(new_keys, 0), pc.list_element(new_keys, 1)
+    added = 0
     seq = (seqs[0] if seqs else 0) + 1
     url = checkpoint_url(output_url, seq)
     with (writing or nullcontext)():
@@ -167,9 +177,15 @@ def _fold(output_url: str, state_url: str, storage_options: dict[str, Any] | Non
                     _scan(checkpoint_url(output_url, base), storage_options, held,
                           lambda batch: batch.num_rows and writer.write_table(
                               records.plain_types(pa.Table.from_batches([batch])), row_group_size=ROW_GROUP))
-                if read.num_rows:
-                    writer.write_table(read, row_group_size=ROW_GROUP)
-    log.info("folded %d record(s) into checkpoint %s (%d new)", len(held) + read.num_rows, url, read.num_rows)
+                for start, read in _read_files(state_url, storage_options, new_names):
+                    # the version each file was listed with (a file is read after it was listed: a record rewritten
+                    # in between is read again by the next reader, whose listing gives a newer version)
+                    at = pc.index_in(read.column("name"), value_set=new_names.slice(start, READ_BATCH))
+                    versions = pc.take(new_versions.slice(start, READ_BATCH), at)
+                    writer.write_table(read.add_column(0, "version", versions),
+                                       row_group_size=ROW_GROUP)
+                    added += read.num_rows
+    log.info("folded %d record(s) into checkpoint %s (%d new)", len(held) + added, url, added)
     return seq
 
 

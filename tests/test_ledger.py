@@ -66,6 +66,7 @@ def _reads(monkeypatch) -> list[str]:
 
 
 def test_a_checkpoint_plans_as_the_records_do(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(ledger, "READ_BATCH", 3)  # folds and plans read the record files in several batches
     root = str(tmp_path / "out")
     shards = [_shard(i) for i in range(10)]
     for s in shards[:9]:
