@@ -122,6 +122,9 @@ def plan_once(inp: str, out: str, options_json: str = "{}") -> dict[str, Any]:
     from pipeline.plan import make_plan
     from pipeline.sources import discover_shards
 
+    from pipeline.records import return_freed_memory
+
+    return_freed_memory()  # as the command line does
     options = json.loads(options_json)
     t0 = time.perf_counter()
     shards = discover_shards(inp, files_per_shard=FILES_PER_SHARD)
@@ -143,7 +146,9 @@ def _cpu_s() -> float:
 
 def fold_once(out: str) -> dict[str, Any]:
     from pipeline import manifest
+    from pipeline.records import return_freed_memory
 
+    return_freed_memory()  # as the command line does
     t0 = time.perf_counter()
     seq = manifest.fold_records(out)
     return {"fold_s": time.perf_counter() - t0, "checkpoint": seq, "cpu_s": _cpu_s(),

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from mimi import CheckpointError
 from pipeline import manifest, state
 from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.records import return_freed_memory
 from pipeline.retry import OutputUnwritable, StorageUnavailable
 from pipeline.runner import RunError, run
 from pipeline.lock import OutputLockedError
@@ -297,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return_freed_memory()  # a driver: short-lived columns over a million shards go back to the system at once
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)

@@ -52,41 +52,49 @@ def checkpoints(output_url: str, storage_options: dict[str, Any] | None = None) 
     return sorted((int(name.removesuffix(".parquet")) for name in listed if _NAME.fullmatch(name)), reverse=True)
 
 
-def _keys(names: pa.Array | list[str], versions: pa.Array | list[str]) -> pa.Array:
-    return pc.binary_join_element_wise(pa.array(names, pa.string()), pa.array(versions, pa.string()), "\x00")
+class Listed:
+    """The record files (``*.json``) of a listing (:func:`pipeline.storage.list_table`) that the store gives a version
+    for (the others are always read), as two aligned columns."""
+
+    def __init__(self, listed: pa.Table):
+        named = pc.and_(pc.ends_with(listed.column("name"), ".json"), pc.is_valid(listed.column("version")))
+        self.names = listed.column("name").filter(named).combine_chunks()
+        self.versions = listed.column("version").filter(named).combine_chunks()
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def holds(self, names: pa.Array, versions: pa.Array) -> pa.Array:
+        """Whether each ``(name, version)`` is listed: one hash table of the listed names, then the versions compared
+        (no joined keys: at 10^6 records they would cost 80 MB each side)."""
+        at = pc.index_in(names, value_set=self.names)
+        return pc.fill_null(pc.equal(versions, pc.take(self.versions, at)), False)
 
 
-def _json_names(listed: pa.Table) -> pa.Table:
-    return listed.filter(pc.ends_with(listed.column("name"), ".json"))
+def _json_names(listed: pa.Table) -> pa.Array:
+    return listed.column("name").filter(pc.ends_with(listed.column("name"), ".json")).combine_chunks()
 
 
-def _listed_keys(listed: pa.Table) -> pa.Array:
-    """``name \\0 version`` of each record file (``listed``: :func:`pipeline.storage.list_table`) the store gives a
-    version for (the others are always read)."""
-    named = _json_names(listed)
-    named = named.filter(pc.is_valid(named.column("version")))
-    return _keys(named.column("name").combine_chunks(), named.column("version").combine_chunks())
-
-
-def _scan(url: str, storage_options: dict[str, Any] | None, wanted: pa.Array,
+def _scan(url: str, storage_options: dict[str, Any] | None, wanted: Listed,
           take: Callable[[pa.RecordBatch], None]) -> None:
-    """Pass each batch of the checkpoint at ``url``, cut to the rows whose key is in ``wanted``, to ``take``."""
+    """Pass each batch of the checkpoint at ``url``, cut to the rows ``wanted`` lists as they are, to ``take``."""
     fs, path = storage.get_fs(url, storage_options)
     with fs.open(path, "rb") as f:
         parquet = pq.ParquetFile(f, read_dictionary=records.DICTIONARY)
         if not records.plain_types(parquet.schema_arrow.empty_table()).schema.equals(COLUMNS):
             raise ValueError(f"not a checkpoint of this version (columns {parquet.schema_arrow.names})")
         keys = parquet.read(columns=["name", "version"])
-        keep = pc.is_in(_keys(keys.column("name").combine_chunks(), keys.column("version").combine_chunks()),
-                        value_set=wanted)  # one hash table of ``wanted`` for the whole file
+        keep = wanted.holds(keys.column("name").combine_chunks(), keys.column("version").combine_chunks())
         del keys
+        pa.default_memory_pool().release_unused()  # the hash table's memory, back before the records are read
         start = 0
         for batch in parquet.iter_batches(batch_size=ROW_GROUP):
-            take(batch.filter(keep.slice(start, batch.num_rows)))
+            kept = keep.slice(start, batch.num_rows)
+            take(batch if pc.all(kept).as_py() else batch.filter(kept))  # no copy where every row is kept
             start += batch.num_rows
 
 
-def _read(url: str, storage_options: dict[str, Any] | None, wanted: pa.Array) -> pa.Table:
+def _read(url: str, storage_options: dict[str, Any] | None, wanted: Listed) -> pa.Table:
     batches: list[pa.RecordBatch] = []
     _scan(url, storage_options, wanted, batches.append)
     return pa.Table.from_batches(batches).drop_columns(["version"]) if batches else records.encode([])
@@ -97,7 +105,7 @@ def load(output_url: str, state_url: str, listed: pa.Table,
     """The records of the files ``listed`` (:func:`pipeline.storage.list_table`) in the folder ``state_url``
     (``*.json``), as columns: from the newest readable checkpoint where it holds the file's listed version, else read
     from the store."""
-    wanted, table = _listed_keys(listed), records.encode([])
+    wanted, table = Listed(listed), records.encode([])
     if len(wanted):
         for seq in checkpoints(output_url, storage_options):
             url = checkpoint_url(output_url, seq)
@@ -107,7 +115,8 @@ def load(output_url: str, state_url: str, listed: pa.Table,
             except Exception as exc:  # a cache: a checkpoint that cannot be read costs reads, not results
                 log.warning("checkpoint %s cannot be read (%s); the records it holds are read one by one",
                             url, retry.brief(exc))
-    names = _json_names(listed).column("name").combine_chunks()
+    del wanted
+    names = _json_names(listed)
     missing = names.filter(pc.invert(pc.is_in(names, value_set=table.column("name").combine_chunks())))
     fetched = [table for _, table in _read_files(state_url, storage_options, missing)]
     pa.default_memory_pool().release_unused()  # the checkpoint's read buffers, back to the system
@@ -132,7 +141,7 @@ def compact(output_url: str, state_url: str, storage_options: dict[str, Any] | N
     """Fold the records now in the folder ``state_url`` into a new checkpoint, unless the newest one holds exactly
     them; then delete all but the newest :data:`KEEP`. Writes and deletions run inside ``writing()`` (the run's
     fence). Returns the new checkpoint's sequence number, or None when nothing changed."""
-    wanted = _listed_keys(storage.list_table(state_url, storage_options))
+    wanted = Listed(storage.list_table(state_url, storage_options))
     seqs = checkpoints(output_url, storage_options)
     for base in [*seqs[:1], None]:
         try:
@@ -152,21 +161,21 @@ def compact(output_url: str, state_url: str, storage_options: dict[str, Any] | N
 
 
 def _fold(output_url: str, state_url: str, storage_options: dict[str, Any] | None,
-          writing: Callable[[], AbstractContextManager] | None, wanted: pa.Array, base: int | None,
+          writing: Callable[[], AbstractContextManager] | None, wanted: Listed, base: int | None,
           seqs: list[int]) -> int | None:
-    held = pa.array([], pa.string())
+    held = pa.array([], pa.string())  # the names of the records the base checkpoint holds as listed now
     if base is None and not len(wanted):
         return None  # no records, no checkpoint
     if base is not None:
         url = checkpoint_url(output_url, base)
         fs, path = storage.get_fs(url, storage_options)
         table = retry.call(pq.read_table, path, columns=["name", "version"], filesystem=fs, what=f"read {url}")
-        all_keys = _keys(table.column("name").combine_chunks(), table.column("version").combine_chunks())
-        held = all_keys.filter(pc.is_in(all_keys, value_set=wanted))
-        if len(held) == len(all_keys) == len(wanted):
+        names = table.column("name").combine_chunks()
+        held = names.filter(wanted.holds(names, table.column("version").combine_chunks()))
+        if len(held) == len(names) == len(wanted):
             return None  # the newest checkpoint holds exactly the records listed now
-    new_keys = pc.split_pattern(wanted.filter(pc.invert(pc.is_in(wanted, value_set=held))), "\x00", max_splits=1)
-    new_names, new_versions = pc.list_element(new_keys, 0), pc.list_element(new_keys, 1)
+    new = pc.invert(pc.is_in(wanted.names, value_set=held))
+    new_names, new_versions = wanted.names.filter(new), wanted.versions.filter(new)
     added = 0
     seq = (seqs[0] if seqs else 0) + 1
     url = checkpoint_url(output_url, seq)
@@ -174,7 +183,7 @@ def _fold(output_url: str, state_url: str, storage_options: dict[str, Any] | Non
         with storage.atomic_output(url, storage_options) as tmp:
             with pq.ParquetWriter(tmp, COLUMNS, compression="zstd") as writer:
                 if base is not None:
-                    _scan(checkpoint_url(output_url, base), storage_options, held,
+                    _scan(checkpoint_url(output_url, base), storage_options, wanted,
                           lambda batch: batch.num_rows and writer.write_table(
                               records.plain_types(pa.Table.from_batches([batch])), row_group_size=ROW_GROUP))
                 for start, read in _read_files(state_url, storage_options, new_names):
