@@ -10,7 +10,8 @@ Measurements (``--measure``, several allowed):
 
 * ``plan``: what ``runner.run`` does before encoding — listing the input, ``manifest.load_records(check_order=True)``,
   ``plan.make_plan`` — on a finished output: without a checkpoint (every record read, as before checkpoints), after
-  a fold (``manifest.fold_records``), and after 1 % of the inputs changed. Requests are counted on local disk:
+  a fold (``manifest.fold_records``), the end of a run (records, final manifest and index: ``finish_once``), and
+  after 1 % of the inputs changed. Requests are counted on local disk:
   file reads (``open``) and folder listings, during ``load_records`` and ``make_plan``.
 
     python benchmarks/bench_scale.py --sizes 10000 100000 --markdown
@@ -139,6 +140,35 @@ def plan_once(inp: str, out: str, options_json: str = "{}") -> dict[str, Any]:
             "cpu_s": _cpu_s(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def finish_once(inp: str, out: str) -> dict[str, Any]:
+    """In this process: the plan, then what ``runner.run`` does once the work is done: the records as storage holds
+    them (``manifest.load_done``), their distinct metadata schemas, the final manifest and its index (written)."""
+    from pipeline import manifest
+    from pipeline import schema as output_schema
+    from pipeline.commit import Output
+    from pipeline.plan import make_plan
+    from pipeline.records import return_freed_memory
+    from pipeline.sources import discover_shards
+
+    return_freed_memory()
+    records, files = manifest.load_records(out, check_order=True)
+    plan = make_plan(discover_shards(inp, files_per_shard=FILES_PER_SHARD), records, files, prune=False,
+                     read_ids=Output(out, 8, {}, {}).read_ids)
+    del records, files
+    cpu0, rss0, t0 = _cpu_s(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter()
+    done = manifest.load_done(out, check_order=True)
+    texts = done.column("schema").cast("string").unique().drop_null().to_pylist()
+    [output_schema.from_json(json.loads(text)) for text in texts]
+    run = {"schema_version": 1, "num_codebooks": 8, "model": {}, "config": {}, "created": "fabricated"}
+    final = manifest.build_manifest(out, run, plan.shards, done, started=time.time() - 60, finished=time.time(),
+                                    changes=plan.changes, change=plan.change, removed=plan.removed)
+    written = manifest.write_manifest(out, final)
+    return {"finish_s": time.perf_counter() - t0, "finish_cpu_s": _cpu_s() - cpu0, "plan_peak_rss_mb": rss0,
+            "shards_done": written["totals"]["shards_done"], "index_mb": written["index"]["bytes"] / 2**20,
+            "manifest_kb": len(json.dumps(written)) / 1024, "cpu_s": _cpu_s(),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def _cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -173,6 +203,7 @@ def measure_plan(workdir: Path, n: int) -> list[dict[str, Any]]:
     rows = [{"case": "no-op, no checkpoint (before)", **_child("plan_once", inp, out)}]
     rows.append({"case": "fold (first checkpoint)", **_child("fold_once", out)})
     rows.append({"case": "no-op, checkpoint", **_child("plan_once", inp, out)})
+    rows.append({"case": "end of a run (records, final manifest, index)", **_child("finish_once", inp, out)})
     changed = change_inputs(inp, 0.01)
     rows.append({"case": f"1% changed ({changed} inputs), checkpoint", **_child("plan_once", inp, out)})
     shutil.rmtree(Path(workdir, f"n{n}"))  # the manifest changed: fabricate afresh next time
@@ -363,7 +394,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| shards | case | listing s | load_records s | make_plan s | reads | listings | peak RSS MB |",
              "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        if "plan_s" in r:
+        if "finish_s" in r:
+            lines.append(f"| {r['n']:,} | {r['case']}: {r['finish_s']:.1f} s, {r['finish_cpu_s']:.1f} CPU s, index "
+                         f"{r['index_mb']:.1f} MB, manifest {r['manifest_kb']:.1f} KB | | | | | | "
+                         f"{r['peak_rss_mb']:.0f} |")
+        elif "plan_s" in r:
             lines.append(f"| {r['n']:,} | {r['case']} | {r['listing_s']:.1f} | {r['load_records_s']:.2f} | "
                          f"{r['make_plan_s']:.2f} | {r['reads']:,} | {r['listings']:,} | {r['peak_rss_mb']:.0f} |")
         else:

@@ -40,17 +40,23 @@ class IndexMissing(FileNotFoundError):
     """The index a manifest points to is missing, or is not the file it names (another size)."""
 
 
-def to_table(entries: Sequence[dict[str, Any]]) -> pa.Table:
-    """The entries as an index table, in index order (see the module docstring)."""
-    written = sorted((e for e in entries if e["status"] in WRITTEN), key=lambda e: e["file"])
-    others = sorted((e for e in entries if e["status"] not in WRITTEN), key=lambda e: e["shard_id"])
-    return pa.Table.from_struct_array(pa.array([*written, *others], pa.struct(list(SCHEMA))))  # missing keys: null
+def to_table(entries: Sequence[dict[str, Any]] | pa.Table) -> pa.Table:
+    """The entries (dicts, or a table of :data:`SCHEMA`) as an index table, in index order (see the module
+    docstring)."""
+    if not isinstance(entries, pa.Table):
+        entries = pa.Table.from_struct_array(pa.array(list(entries), pa.struct(list(SCHEMA))))  # missing keys: null
+    written = pc.is_in(entries.column("status"), pa.array(WRITTEN))
+    first, then = pc.indices_nonzero(written), pc.indices_nonzero(pc.invert(written))
+    order = pa.concat_arrays([pc.take(first, pc.sort_indices(pc.take(entries.column("file"), first))),
+                              pc.take(then, pc.sort_indices(pc.take(entries.column("shard_id"), then)))])
+    return entries.take(order)  # one copy
 
 
-def write(output_url: str, entries: Sequence[dict[str, Any]], storage_options: dict[str, Any] | None = None,
-          **extra: Any) -> dict[str, Any]:
-    """Write ``entries`` to a new index file; return its pointer for ``manifest.json``: ``path`` (relative to the
-    output), ``rows``, ``files`` (entries with a data file), ``bytes``, ``sha256``, ``written`` and ``extra``."""
+def write(output_url: str, entries: Sequence[dict[str, Any]] | pa.Table,
+          storage_options: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """Write ``entries`` (:func:`to_table`) to a new index file; return its pointer for ``manifest.json``: ``path``
+    (relative to the output), ``rows``, ``files`` (entries with a data file), ``bytes``, ``sha256``, ``written`` and
+    ``extra``."""
     table = to_table(entries)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     path = f"{INDEX_DIR}/shards-{stamp}-{uuid.uuid4().hex[:8]}.parquet"

@@ -23,13 +23,14 @@ import platform
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -239,20 +240,32 @@ def file_matches(record: dict[str, Any], files: dict[str, int]) -> bool:
     return files.get(record["file"].rsplit("/", 1)[-1]) == record["bytes"]
 
 
+def file_columns(files: Mapping[str, int]) -> tuple[pa.Array, pa.Array]:
+    """The data files' names and sizes (``files``: name → size) as columns."""
+    if isinstance(files, storage.Sizes):
+        return files.listing.column("name").combine_chunks(), files.listing.column("size").combine_chunks()
+    return pa.array(list(files), pa.string()), pa.array(list(files.values()), pa.int64())
+
+
+def files_match(records: RecordSet, files: Mapping[str, int]) -> pa.Array:
+    """:func:`file_matches` for every record, as a column (false where the file is missing or another size)."""
+    names, sizes = file_columns(files)
+    recorded = pc.replace_substring_regex(records.column("file"), pattern="^.*/", replacement="")
+    found = pc.take(sizes, pc.index_in(recorded, value_set=names))
+    return pc.fill_null(pc.equal(found, records.column("bytes")), False).combine_chunks()
+
+
 def load_done(output_url: str, storage_options: dict[str, Any] | None = None, *, check_order: bool = False
-              ) -> dict[str, dict[str, Any]]:
-    """Records (done and retained) by shard id, keeping only those whose Parquet file exists with the recorded size
-    (and, with ``check_order``, that no displaced run may have written late: :func:`load_records`)."""
+              ) -> RecordSet:
+    """Records (done and retained) by shard id, held as columns, keeping only those whose Parquet file exists with
+    the recorded size (and, with ``check_order``, that no displaced run may have written late: :func:`load_records`)."""
     records, files = load_records(output_url, storage_options, check_order=check_order)
-    done = {}
-    for shard_id, record in records.items():
-        if not file_matches(record, files):
-            size = files.get(record["file"].rsplit("/", 1)[-1])
-            log.warning("shard %s has a record but its file %s is %s; it will be redone", shard_id, record["file"],
-                        "missing" if size is None else f"{size} bytes, not {record['bytes']}")
-            continue
-        done[shard_id] = record
-    return done
+    matches = files_match(records, files)
+    for shard_id, record in records.filter(pc.invert(matches)).items():
+        size = files.get(record["file"].rsplit("/", 1)[-1])
+        log.warning("shard %s has a record but its file %s is %s; it will be redone", shard_id, record["file"],
+                    "missing" if size is None else f"{size} bytes, not {record['bytes']}")
+    return records.filter(matches)
 
 
 def _software_versions() -> dict[str, str | None]:
@@ -275,48 +288,68 @@ def is_partial(record: dict[str, Any] | None, shard: Shard) -> bool:
     return record is not None and record.get("status") == "partial" and record["shard"].get("digest") == shard.digest
 
 
-def build_manifest(output_url: str, run: dict[str, Any], shards: list[Shard], done: dict[str, dict[str, Any]], *,
+def build_manifest(output_url: str, run: dict[str, Any], shards: list[Shard], done: Mapping[str, dict[str, Any]], *,
                    started: float, finished: float | None = None, changes: dict[str, Any] | None = None,
-                   change: dict[str, str] | None = None, removed: Sequence[Any] = ()) -> dict[str, Any]:
+                   change: Mapping[str, str] | None = None, removed: Sequence[Any] = ()) -> dict[str, Any]:
     """The manifest of an output: run identity, software versions, totals, what changed in the listing, timing, and
-    under ``shards`` one entry per input shard, per retained file and per removed shard (:func:`write_manifest` puts
-    the entries in the index).
+    under ``shards`` the index table (:data:`pipeline.index.SCHEMA`, in index order): one entry per input shard,
+    per retained file and per removed shard (:func:`write_manifest` writes it as the index). Built on columns: at a
+    million shards, no dict per record.
 
-    ``done`` holds the valid records (:func:`load_done`). ``started`` is when this session began (unix time);
-    ``finished`` is set when it ended, and makes the status "complete" (every shard of the listing done) or
-    "incomplete"; without it the status is "running". Speed (``x_realtime``) counts only the shards finished during
-    this session, so a resumed run is not credited with earlier sessions' work. ``change`` gives each shard's change
-    in this run's listing (:attr:`pipeline.plan.Plan.change`); ``removed`` the retired files of shards gone from it
-    (with ``shard_id``, ``kind``, ``uri``), listed as ``removed`` unless they are retained.
+    ``done`` holds the valid records (:func:`load_done`: a :class:`~pipeline.records.RecordSet`, or records by shard
+    id). ``started`` is when this session began (unix time); ``finished`` is set when it ended, and makes the status
+    "complete" (every shard of the listing done) or "incomplete"; without it the status is "running". Speed
+    (``x_realtime``) counts only the shards finished during this session, so a resumed run is not credited with
+    earlier sessions' work. ``change`` gives each shard's change in this run's listing
+    (:attr:`pipeline.plan.Plan.change`); ``removed`` the retired files of shards gone from it (with ``shard_id``,
+    ``kind``, ``uri``), listed as ``removed`` unless they are retained.
     """
-    change = change or {}
+    if not isinstance(done, RecordSet):
+        done = RecordSet.of((f"{shard_id}.json", record) for shard_id, record in done.items())
     now = time.time() if finished is None else finished
     wall_s = max(now - started, 0.0)
-    entries, failed_by_class = [], Counter()
-    session_hours, session_shards = 0.0, 0
-    listed = {shard.shard_id for shard in shards}
-    retained = [r for shard_id, r in sorted(done.items()) if shard_id not in listed and r.get("status") == "retained"]
-    for shard, record in [*((s, done.get(s.shard_id)) for s in shards), *((None, r) for r in retained)]:
-        if shard is not None:
-            entry: dict[str, Any] = {"shard_id": shard.shard_id, "kind": shard.kind, "uri": shard.uri}
-            if not (is_done(record, shard) or is_partial(record, shard)):
-                entries.append({**entry, "status": "pending", "change": change.get(shard.shard_id)})
-                continue
-        else:
-            entry = {k: record["shard"][k] for k in ("shard_id", "kind", "uri")}
-        entries.append({**entry, "status": record["status"], "change": change.get(entry["shard_id"]),
-                        **{k: record[k] for k in ("file", "rows", "carried", "frames", "bytes", "sha256", "clips",
-                                                   "failed", "hours", "attempt")}})
-        failed_by_class.update(f["error_class"] for f in record["failures"])
-        if _unix(record["finished"]) >= started and shard is not None:
-            session_hours += record["hours"]
-            session_shards += 1
-    entries += [{"shard_id": r.shard_id, "kind": r.kind, "uri": r.uri, "status": "removed", "change": "removed"}
-                for r in removed if r.shard_id not in done]
-    written = [e for e in entries if e["status"] in index.WRITTEN]
-    frames = sum(e["frames"] for e in written)
-    shards_done = sum(e["status"] == "done" for e in entries)
-    partial = sum(e["status"] == "partial" for e in entries)
+    ids = pa.array([s.shard_id for s in shards], pa.string())
+    done_ids = done.column("shard_id").combine_chunks()
+    recorded = done.column("status").cast(pa.string()).combine_chunks()
+
+    # the listed shards: written where the record is done or partial for the shard as listed now, else pending
+    at = pc.index_in(ids, value_set=done_ids)
+    listed_status = pc.take(recorded, at)
+    written = pc.fill_null(pc.and_(pc.is_in(listed_status, value_set=pa.array(["done", "partial"])),
+                                   pc.equal(pc.take(done.column("digest").combine_chunks(), at),
+                                            pa.array([s.digest for s in shards], pa.string()))), False)
+    rows = pc.if_else(written, at, pa.scalar(None, at.type))  # the record of each written entry
+    listed = _entries(done, rows, ids, pa.array([s.kind for s in shards], pa.string()),
+                      pa.array([s.uri for s in shards], pa.string()),
+                      pc.if_else(written, listed_status, "pending"), _changes(change, ids))
+    # the files of shards gone from the listing that are kept, by shard id
+    retained_rows = pc.indices_nonzero(pc.and_(pc.invert(pc.is_in(done_ids, value_set=ids)),
+                                               pc.equal(recorded, "retained")))
+    retained_rows = pc.take(retained_rows, pc.sort_indices(pc.take(done_ids, retained_rows)))
+    retained_ids = pc.take(done_ids, retained_rows)
+    retained = _entries(done, retained_rows, retained_ids,
+                        *(pc.take(done.column(k).cast(pa.string()).combine_chunks(), retained_rows)
+                          for k in ("kind", "uri", "status")), _changes(change, retained_ids))
+    gone = [r for r in removed if r.shard_id not in done]
+    entries = pa.concat_tables([listed, retained, pa.Table.from_pylist(
+        [{"shard_id": r.shard_id, "kind": r.kind, "uri": r.uri, "status": "removed", "change": "removed"}
+         for r in gone], index.SCHEMA)])
+
+    counted = np.zeros(len(done), bool)  # the records of the written entries, where their failures may be listed
+    counted[rows.filter(written).to_numpy()] = counted[retained_rows.to_numpy()] = True
+    counted &= pc.or_(pc.is_valid(done.column("lists")), pc.is_valid(done.column("record"))).to_numpy()
+    failed_by_class = Counter(f["error_class"] for r in done.filter(counted).values() for f in r["failures"])
+    finished_at = pc.take(done.column("finished").cast(pa.string()).combine_chunks(), rows.filter(written))
+    times = pc.unique(finished_at)
+    recent = pa.array([t is not None and _unix(t) >= started for t in times.to_pylist()], pa.bool_())
+    in_session = pc.take(recent, pc.index_in(finished_at, value_set=times))
+    session_shards = pc.sum(in_session).as_py() or 0
+    session_hours = sum(listed.column("hours").filter(written).filter(in_session).to_pylist())
+
+    written_entries = entries.filter(pc.is_in(entries.column("status"), value_set=pa.array(index.WRITTEN)))
+    frames = _total(written_entries, "frames")
+    shards_done = _count(entries, "done")
+    partial = _count(entries, "partial")
     remaining = len(shards) - shards_done
     if finished is not None:
         status = "complete" if remaining == 0 else "incomplete"
@@ -336,12 +369,12 @@ def build_manifest(output_url: str, run: dict[str, Any], shards: list[Shard], do
             "shards": len(shards),
             "shards_done": shards_done,
             "partial_shards": partial,
-            "retained_files": len(retained),
-            "clips": sum(e["rows"] for e in written),
-            "kept_clips": sum(e["carried"] for e in written),
-            "failed_clips": sum(e["failed"] for e in written),
+            "retained_files": retained.num_rows,
+            "clips": _total(written_entries, "rows"),
+            "kept_clips": _total(written_entries, "carried"),
+            "failed_clips": _total(written_entries, "failed"),
             "failed_by_class": dict(failed_by_class.most_common()),
-            "hours": sum(e["hours"] for e in written),
+            "hours": sum(written_entries.column("hours").to_pylist()),
             "frames": frames,
             "tokens": frames * run["num_codebooks"],
         },
@@ -354,8 +387,34 @@ def build_manifest(output_url: str, run: dict[str, Any], shards: list[Shard], do
             "x_realtime": session_hours * 3600 / wall_s if wall_s > 0 else 0.0,
             "eta_s": remaining * wall_s / session_shards if status == "running" and session_shards else None,
         },
-        "shards": entries,
+        "shards": index.to_table(entries),
     }
+
+
+def _entries(done: RecordSet, rows: pa.Array, ids: pa.Array, kinds: pa.Array, uris: pa.Array, statuses: pa.Array,
+             changes: pa.Array) -> pa.Table:
+    """Index entries (:data:`pipeline.index.SCHEMA`): those with a record row (``rows``) take its file's fields,
+    the others (a null row) leave them null."""
+    fields = [pc.take(done.column(k).combine_chunks(), rows).cast(index.SCHEMA.field(k).type)
+              for k in index.SCHEMA.names[5:]]  # file, rows, ..., attempt
+    return pa.Table.from_arrays([ids, kinds, uris, statuses, changes, *fields], schema=index.SCHEMA)
+
+
+def _changes(change: Mapping[str, str] | None, ids: pa.Array) -> pa.Array:
+    """The change of each shard id (null where ``change`` has none): on columns where ``change`` offers them
+    (:class:`pipeline.plan.Changes`)."""
+    if hasattr(change, "column"):
+        return change.column(ids)
+    change = change or {}
+    return pa.array([change.get(i) for i in ids.to_pylist()], pa.string())
+
+
+def _total(entries: pa.Table, key: str) -> int:
+    return pc.sum(entries.column(key)).as_py() or 0
+
+
+def _count(entries: pa.Table, status: str) -> int:
+    return pc.sum(pc.equal(entries.column("status"), status)).as_py() or 0
 
 
 def write_manifest(output_url: str, manifest: dict[str, Any], storage_options: dict[str, Any] | None = None, *,

@@ -31,9 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.manifest import file_matches, is_done
+from pipeline.manifest import file_columns, file_matches, files_match, is_done
 from pipeline.records import RecordSet
-from pipeline.storage import Sizes
 from pipeline.types import Shard
 
 CONTAINER_KINDS = ("webdataset", "parquet")
@@ -83,9 +82,8 @@ def make_plan(shards: list[Shard], records: Mapping[str, dict[str, Any]], files:
     kind = shards[0].kind if shards else "files"
     listed_ids = pa.array([s.shard_id for s in shards], pa.string())
     record_ids = records.column("shard_id").combine_chunks()
-    file_names, file_sizes = _file_columns(files)
-    usual = _done_as_listed(records, listed_ids, pa.array([s.digest for s in shards], pa.string()), file_names,
-                            file_sizes)
+    file_names = file_columns(files)[0]
+    usual = _done_as_listed(records, listed_ids, pa.array([s.digest for s in shards], pa.string()), files)
     others = dict(records.filter(pc.invert(usual)).items())  # not done, changed, retained, kept rows, damaged
     file_ids = pc.replace_substring_regex(file_names.filter(pc.ends_with(file_names, ".parquet")),
                                           pattern=r"\.parquet$", replacement="")
@@ -166,22 +164,13 @@ def make_plan(shards: list[Shard], records: Mapping[str, dict[str, Any]], files:
     return Plan(shards, done, retained, pending, retire, kept, changes, change, warnings)
 
 
-def _file_columns(files: Mapping[str, int]) -> tuple[pa.Array, pa.Array]:
-    """The data files' names and sizes as columns."""
-    if isinstance(files, Sizes):
-        return files.listing.column("name").combine_chunks(), files.listing.column("size").combine_chunks()
-    return pa.array(list(files), pa.string()), pa.array(list(files.values()), pa.int64())
-
-
-def _done_as_listed(records: RecordSet, listed_ids: pa.Array, listed_digests: pa.Array, file_names: pa.Array,
-                    file_sizes: pa.Array) -> pa.Array:
+def _done_as_listed(records: RecordSet, listed_ids: pa.Array, listed_digests: pa.Array, files: Mapping[str, int]
+                    ) -> pa.Array:
     """Per record: whether it is done as the listing has its shard now (same digest), with its data file there at
     the recorded size, and no kept rows (those are decided one by one)."""
     column = records.column
     digest = pc.take(listed_digests, pc.index_in(column("shard_id"), value_set=listed_ids))
-    names = pc.replace_substring_regex(column("file"), pattern="^.*/", replacement="")
-    sizes = pc.take(file_sizes, pc.index_in(names, value_set=file_names))
-    usual = pc.and_(pc.and_(pc.equal(sizes, column("bytes")), pc.equal(column("digest"), digest)),
+    usual = pc.and_(pc.and_(files_match(records, files), pc.equal(column("digest"), digest)),
                     pc.and_(pc.equal(column("status").cast(pa.string()), "done"), pc.equal(column("kept"), 0)))
     return usual.fill_null(False).combine_chunks()
 
@@ -192,6 +181,15 @@ class Changes(Mapping):
 
     def __init__(self, explicit: dict[str, str], done: RecordSet):
         self.explicit, self.done = explicit, done
+
+    def column(self, ids: pa.Array) -> pa.Array:
+        """The change of each shard id in ``ids`` (null where there is none)."""
+        unchanged = pc.if_else(pc.is_in(ids, value_set=self.done.column("shard_id").combine_chunks()), "unchanged",
+                               pa.scalar(None, pa.string()))
+        if not self.explicit:
+            return unchanged
+        at = pc.index_in(ids, value_set=pa.array(list(self.explicit), pa.string()))
+        return pc.coalesce(pc.take(pa.array(list(self.explicit.values()), pa.string()), at), unchanged)
 
     def __getitem__(self, shard_id: str) -> str:
         if shard_id in self.explicit:

@@ -494,7 +494,7 @@ def publish(output_url: str, repo_id: str, *, private: bool = False, dry_run: bo
         api = make_api(token)
         del token
     current = state.read_output(output_url, storage_options)
-    done = manifest.load_done(output_url, storage_options)
+    done = dict(manifest.load_done(output_url, storage_options).items())  # looked up by shard id, entry by entry
     records = check_publishable(output_url, current, done, force=force, storage_options=storage_options)
     summary, keep = None, None
     if dedup:

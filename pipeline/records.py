@@ -157,6 +157,15 @@ class RecordSet(Mapping):
         mask = pa.array(mask, pa.bool_())
         return self if pc.all(mask).as_py() is not False else RecordSet(self.table.filter(mask))
 
+    def updated(self, records: Mapping[str, dict[str, Any]]) -> RecordSet:
+        """These records with ``records`` (by shard id) added, or in place of those they name."""
+        if not records:
+            return self
+        ids = pa.array(list(records), pa.string())
+        others = self.table.filter(pc.invert(pc.is_in(self.table.column("shard_id"), value_set=ids)))
+        return RecordSet(pa.concat_tables([plain_types(others),
+                                           encode((f"{i}.json", r) for i, r in records.items())]))
+
     def _row(self, shard_id: str) -> int | None:
         if self._lookup is None:
             self._lookup = Lookup(self.table.column("shard_id"))

@@ -202,7 +202,7 @@ def collect(output: str, storage_options: dict[str, Any] | None = None) -> Repor
     """
     man = state.read_output(output, storage_options)
     k = int(man["num_codebooks"])
-    done = mf.load_done(output, storage_options)
+    done = dict(mf.load_done(output, storage_options).items())
     files = [done[s]["file"] for s in sorted(done)]
     counts, durations, frames = _scan_parquet(output, files, k, storage_options)
     throughput, overall = _throughput(done)

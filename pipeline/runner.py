@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from fsspec.implementations.local import LocalFileSystem
 
@@ -37,6 +38,7 @@ from pipeline.footers import parquet_footers
 from pipeline.model_files import ModelFiles, RunError, load_model_files
 from pipeline.plan import Plan, make_plan
 from pipeline.progress import Progress, manifest_writer
+from pipeline.records import RecordSet
 from pipeline.scheduler import EncoderPool, Job, Scheduler
 from pipeline.sources import discover_shards
 from pipeline.sources.parquet import metadata_schema as parquet_metadata_schema
@@ -340,24 +342,27 @@ def _encode(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output,
         pool.shutdown()
 
 
-def _unify_schema(cfg: RunConfig, output: Output, done: dict[str, dict], periodic: Callable[[], None]
-                  ) -> dict[str, str]:
-    """At commit: bring every file of ``done`` (the valid records, updated here) to the union of the metadata
-    schemas (WebDataset inputs, or types that grew); return the files that could not be rewritten."""
+def _unify_schema(cfg: RunConfig, output: Output, done: RecordSet, periodic: Callable[[], None]
+                  ) -> tuple[RecordSet, dict[str, str]]:
+    """At commit: bring every file of ``done`` (the valid records) to the union of the metadata schemas (WebDataset
+    inputs, or types that grew); return the records, updated where their files were rewritten, and the files that
+    could not be rewritten. Each distinct schema is parsed once."""
     url = join(cfg.output, output_schema.SCHEMA_PATH)
     try:
         stored = [output_schema.from_json(storage.read_json(url, cfg.output_options()))]
     except FileNotFoundError:
         stored = []
-    schemas = {shard_id: output_schema.from_json(r["schema"]) for shard_id, r in done.items()}
-    target = output_schema.unify([*stored, *schemas.values()])
+    texts = done.column("schema").cast(pa.string()).combine_chunks()
+    distinct = pc.unique(texts).drop_null().to_pylist()
+    schemas = [output_schema.from_json(json.loads(text)) for text in distinct]
+    target = output_schema.unify([*stored, *schemas])
     if not stored or not target.equals(stored[0], check_metadata=True):
         storage.write_json(url, output_schema.to_json(target), cfg.output_options())
-    calls = [(shard_id, "conform", (done[shard_id], target)) for shard_id, s in schemas.items()
-             if not s.equals(target, check_metadata=True)]
+    differ = pa.array([t for t, s in zip(distinct, schemas) if not s.equals(target, check_metadata=True)], pa.string())
+    calls = [(shard_id, "conform", (record, target))
+             for shard_id, record in done.filter(pc.is_in(texts, value_set=differ)).items()]
     rewritten, errors = _run_steps(output, "unifying the metadata columns", calls, periodic, cfg.progress_interval_s)
-    done.update(rewritten)
-    return errors
+    return done.updated(rewritten), errors
 
 
 def run(cfg: RunConfig) -> int:
@@ -417,8 +422,7 @@ def _work(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, s
           ) -> dict[str, Any]:
     """Retire, encode and unify on Ray; return the final manifest (written)."""
     options = cfg.output_options()
-    counters = Progress(_build_manifest(cfg, run_record, plan, {**plan.retained, **dict(plan.done.items())},
-                                        session_start),
+    counters = Progress(_build_manifest(cfg, run_record, plan, plan.done.updated(plan.retained), session_start),
                         session_start)  # the entries go to the session's first index; then totals only
     window_s = min(cfg.progress_interval_s, MANIFEST_WRITE_WINDOW_S)
     writer = manifest_writer(cfg.output, counters, output.writing, options, window_s)
@@ -450,7 +454,8 @@ def _work(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, s
             errors, unwritable = _encode(cfg, plan, model_files, output, schema, committed, periodic)
         records = manifest.load_done(cfg.output, options, check_order=True)  # what storage holds now: the truth
         if unwritable is None:
-            errors.update(_unify_schema(cfg, output, records, periodic))
+            records, unified = _unify_schema(cfg, output, records, periodic)
+            errors.update(unified)
     final = _build_manifest(cfg, run_record, plan, records, session_start, finished=time.time())
     if errors:
         final["shard_errors"] = errors
@@ -465,7 +470,7 @@ def _work(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, s
     return final
 
 
-def _build_manifest(cfg: RunConfig, run_record: dict[str, Any], plan: Plan, done: dict[str, dict[str, Any]],
+def _build_manifest(cfg: RunConfig, run_record: dict[str, Any], plan: Plan, done: RecordSet,
                     started: float, finished: float | None = None) -> dict[str, Any]:
     return manifest.build_manifest(cfg.output, run_record, plan.shards, done, started=started, finished=finished,
                                    changes=plan.changes, change=plan.change, removed=plan.removed)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import posixpath
 from typing import Any
 
+import pyarrow.compute as pc
+
 from pipeline import manifest, retry, storage
 from pipeline.config import ConfigError
 from pipeline.lock import LOCK_PATH, is_live
@@ -97,7 +99,7 @@ def _before_manifest(url: str, storage_options: dict[str, Any] | None) -> tuple[
                               f"{manifest.RUN_PATH})") from None
         run = {}
     done = manifest.load_done(url, storage_options)
-    clips, hours = sum(r["rows"] for r in done.values()), sum(r["hours"] for r in done.values())
+    clips, hours = (pc.sum(done.column(key)).as_py() or 0 for key in ("rows", "hours"))
     if lock is not None:
         state, advice = "running", "its first progress update writes manifest.json"
     else:
