@@ -13,6 +13,7 @@ import pytest
 from pipeline import index
 from pipeline import manifest as mf
 from pipeline import progress, storage
+from pipeline.plan import Retire
 from pipeline.types import ClipFailure, ClipInfo, EncodedClip, Member, Shard
 from pipeline.writer import SCHEMA_VERSION, write_shard
 
@@ -269,6 +270,27 @@ def test_old_outputs_with_inline_entries_are_read(tmp_path):
     files = mf.shard_entries(root, current, statuses=index.WRITTEN, columns=["file"])
     assert files == sorted(({"file": e["file"]} for e in entries if e["status"] != "pending"),
                            key=lambda e: e["file"])
+
+
+def test_manifest_entries_come_from_each_record_whatever_its_shape(tmp_path):
+    root = str(tmp_path)
+    shards, gone = _shards(3), _shards(5)[4]
+    run = mf.make_run({}, MODEL, 8, created=T0 - 1000)
+    done = {"shard-00000": _write_shard(root, shards[0], 2, 25, [_failure("DecodeError")], finished=T0 + 5),
+            "shard-00001": {**_write_shard(root, shards[1], 1, 10, [_failure("EncodeError")], finished=T0 + 6),
+                            "edited": "by hand"},  # not the writer's shape: held as JSON, its failures still counted
+            gone.shard_id: {**_write_shard(root, gone, 3, 30, [_failure("DecodeError")], finished=T0 - 50),
+                            "status": "retained"}}
+    m = mf.build_manifest(root, run, shards, done, started=T0, finished=T0 + 10, change={"shard-00002": "added"},
+                          removed=[Retire("shard-00009", "files", "/in/9", [])])
+    entries = m["shards"].to_pylist()
+    assert [(e["shard_id"], e["status"], e["change"], e["rows"]) for e in entries] == [
+        ("shard-00000", "done", None, 2), ("shard-00001", "done", None, 1), ("shard-00004", "retained", None, 3),
+        ("shard-00002", "pending", "added", None), ("shard-00009", "removed", "removed", None)]  # index order
+    assert entries[2]["uri"] == "/in/4" and entries[1]["file"] == "data/shard-00001.parquet"
+    assert m["totals"]["failed_by_class"] == {"DecodeError": 2, "EncodeError": 1}
+    assert (m["totals"]["clips"], m["totals"]["retained_files"], m["totals"]["shards_done"]) == (6, 1, 2)
+    assert m["timing"]["x_realtime"] == pytest.approx((2 * 25 + 10) * 1920 / 24_000 / 10)  # this session's two
 
 
 def test_progress_counts_each_shard_in_constant_time_and_equals_a_rebuild(tmp_path):
