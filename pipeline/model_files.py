@@ -1,8 +1,12 @@
 """Model shipping: the checkpoint's bytes travel to every encoder through Ray's object store, so that a local
-``--model`` path works on a multi-node cluster and every encoder loads exactly the same weights (same sha256)."""
+``--model`` path works on a multi-node cluster and every encoder loads exactly the same weights (same sha256). The
+driver holds only the file's path and hash: the bytes are read when the encoders start (:meth:`ModelFiles.shipped`)
+and stay in the object store, not in the driver's memory, for the rest of the run."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,17 +23,29 @@ class RunError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelFiles:
-    """The checkpoint's bytes (and its config.json) with their provenance."""
+    """The checkpoint (its local file, and its bytes once shipped) and its config.json, with their provenance."""
 
     source: str
     revision: str | None
     sha256: str
     name: str
-    weights: bytes
+    path: str  # the checked local file (the Hub cache's, or the user's)
     config_json: bytes | None
     untrained: bool = False  # generated random weights (labelled in their safetensors metadata)
+    weights: bytes | None = None  # the file's bytes, in the copy shipped to the encoders only
+
+    def shipped(self) -> ModelFiles:
+        """This with the checkpoint's bytes, for ``ray.put``: read now, and refused if the file changed since it was
+        checked (every encoder must load the weights the manifest names)."""
+        weights = Path(self.path).read_bytes()
+        if hashlib.sha256(weights).hexdigest() != self.sha256:
+            raise RunError(f"the model file {self.path} changed during the run (its sha256 is no longer "
+                           f"{self.sha256}); run again to use the new weights")
+        return dataclasses.replace(self, weights=weights)
 
     def load(self, device: str, dtype: torch.dtype):
+        if self.weights is None:
+            raise ValueError("ModelFiles.load needs the shipped copy (ModelFiles.shipped())")
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / self.name
             path.write_bytes(self.weights)
@@ -56,5 +72,5 @@ def load_model_files(model: str, revision: str | None, num_codebooks: int) -> Mo
     if num_codebooks > loaded.max_codebooks:
         raise RunError(f"num_codebooks is {num_codebooks} but {source} has only {loaded.max_codebooks} codebooks")
     config_json = path.parent / "config.json"
-    return ModelFiles(source, revision, loaded.weights_sha256, path.name, path.read_bytes(),
+    return ModelFiles(source, revision, loaded.weights_sha256, path.name, str(path),
                       config_json.read_bytes() if config_json.is_file() else None, is_untrained(path))

@@ -321,7 +321,7 @@ def _encode(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output,
                             retry.policy(), cfg.vad)
     settings = EncoderSettings(cfg.num_codebooks, cfg.batch_max_seconds, cfg.max_pad_ratio, cfg.chunk_frames,
                                cfg.device, cfg.dtype, max(1, cpus // expected), cfg.shard_retries, cfg.stall_timeout_s)
-    model_ref = ray.put(model_files)
+    model_ref = ray.put(model_files.shipped())  # the bytes go to the object store; the driver keeps none of them
     actor = ShardEncoder.options(num_gpus=1 if use_gpus else 0, num_cpus=1, max_concurrency=slots + 2,
                                  memory=ENCODER_MEMORY + slots * decode.part_bytes)
     pool = EncoderPool(lambda: actor.remote(settings, decode, model_ref, output), fixed=cfg.num_encoders,

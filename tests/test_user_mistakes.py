@@ -329,3 +329,24 @@ def test_ray_token_notice_is_silenced(caplog):
             pass
         notice.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled ...")
     assert "Token authentication" not in caplog.text
+
+
+def test_a_model_file_replaced_during_a_run_is_refused(tiny_model_path, tmp_path):
+    """The driver keeps the checkpoint's path and hash, not its bytes; the bytes shipped to the encoders are read
+    when they start, and a file replaced since the check is refused rather than encoded with other weights."""
+    import torch
+
+    from pipeline.model_files import RunError, load_model_files
+
+    path = tmp_path / "model.safetensors"
+    shutil.copyfile(tiny_model_path, path)
+    files = load_model_files(str(path), None, 8)
+    assert files.weights is None and files.path == str(path)
+    shipped = files.shipped()
+    assert shipped.weights == path.read_bytes() and shipped.sha256 == files.sha256
+    assert shipped.load("cpu", torch.float32).weights_sha256 == files.sha256
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # a weight's last byte: same size, other weights
+    path.write_bytes(bytes(data))
+    with pytest.raises(RunError, match="changed during the run"):
+        files.shipped()
