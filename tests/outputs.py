@@ -25,11 +25,20 @@ def reference_codes(input_url: str, tiny_model_path: str, k: int, files_per_shar
 
 
 def assert_codes_equal(rows: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> None:
+    """The output's rows are the reference's clips, each of the same shape, with the same codes but for rounding ties:
+    an encoder with another thread count may round a latent to the other side of a tie between two codebook entries,
+    which changes that frame's codes from that level down and nothing else. At most one frame in a thousand of the
+    output (at least one) may differ; a wrong clip, a shifted or padded piece, or a lost chunk differs in many."""
     assert sorted(rows) == sorted(ref), (f"missing {sorted(set(ref) - set(rows))[:5]}, "
                                          f"unexpected {sorted(set(rows) - set(ref))[:5]}")
-    mismatched = {i: int((rows[i] != ref[i]).sum()) for i in ref if rows[i].shape != ref[i].shape or
-                  not np.array_equal(rows[i], ref[i])}
-    assert not mismatched, f"codes differ from the model's own (clip: differing codes): {mismatched}"
+    shapes = {i: (rows[i].shape, ref[i].shape) for i in ref if rows[i].shape != ref[i].shape}
+    assert not shapes, f"clips of another length than the model's own (clip: (output, reference)): {shapes}"
+    frames = {i: int((rows[i] != ref[i]).any(axis=1).sum()) for i in ref}  # [F, K] each
+    mismatched = {i: n for i, n in frames.items() if n}
+    total = sum(len(codes) for codes in ref.values())
+    assert sum(mismatched.values()) <= max(1, total // 1000), (
+        f"codes differ from the model's own in more frames than rounding ties explain (clip: frames, of {total}): "
+        f"{mismatched}")
 
 
 def read_output(output: str, storage_options=None) -> dict[str, np.ndarray]:
