@@ -16,6 +16,12 @@ Measurements (``--measure``, several allowed):
 
     python benchmarks/bench_scale.py --sizes 10000 100000 --markdown
 
+* ``cli``: ``mimi-tokenize run`` itself, on a finished output (fabricated as for ``plan``, folded, its manifest
+  complete, its run identity that of the command's config, full-size random weights): a rerun with nothing to do, in
+  its own process. Wall time, CPU time and peak RSS of the whole command.
+
+    python benchmarks/bench_scale.py --measure cli --sizes 10000 100000 1000000 --markdown
+
 * ``s3run``: a real ``runner.run`` of ``2 n`` one-second WAV files (``files_per_shard=2``: at most 2 per shard; the
   shard count reported is what the sharding makes of them), input and output on a moto S3 server on loopback,
   through the counting proxy of ``tests/fault_proxy.py``, the tiny random-weight model on CPU, a local Ray instance
@@ -167,6 +173,7 @@ def finish_once(inp: str, out: str) -> dict[str, Any]:
     plan = make_plan(discover_shards(inp, files_per_shard=FILES_PER_SHARD), records, files, prune=False,
                      read_ids=Output(out, 8, {}, {}).read_ids)
     del records, files
+    plan.release_done()  # as runner._work does once its first manifest is built
     cpu0, rss0, t0 = _cpu_s(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter()
     done = manifest.load_done(out, check_order=True)
     texts = done.column("schema").cast("string").unique().drop_null().to_pylist()
@@ -358,7 +365,54 @@ def measure_s3plan(workdir: Path, n: int) -> list[dict[str, Any]]:
     return [{"n": n, "case": "S3 no-op, checkpoint", **_child("s3plan_once", inp, out)}]
 
 
-MEASUREMENTS = {"plan": measure_plan, "s3run": measure_s3run, "s3plan": measure_s3plan}
+def identity_once(config: str) -> dict[str, Any]:
+    """Give the fabricated output the run identity ``config`` stores on first use (``_state/run.json``)."""
+    from pipeline import manifest
+    from pipeline.config import load_config
+    from pipeline.model_files import load_model_files
+
+    cfg = load_config(config)
+    files = load_model_files(cfg.model, cfg.revision, cfg.num_codebooks)
+    manifest.init_run(cfg.output, manifest.make_run(cfg.to_dict(), files.provenance(), cfg.num_codebooks))
+    return {"model_sha256": files.sha256}
+
+
+def random_model_once(path: str) -> dict[str, Any]:
+    """Full-size random weights in the official layout (the driver checks and hashes them as it would Mimi's)."""
+    import mimi
+
+    mimi.write_random_checkpoint(path)
+    return {"model_mb": Path(path).stat().st_size / 2**20}
+
+
+def measure_cli(workdir: Path, n: int) -> list[dict[str, Any]]:
+    """``mimi-tokenize run`` on a finished output of ``n`` shards, nothing to do: the whole command in its own
+    process, as a user runs it (imports, the model's check, the listing, the plan, the manifest read), with full-size
+    random weights. Wall time, CPU time and peak RSS of that process (``os.wait4``)."""
+    inp, out = fabricate(workdir, n)
+    model = workdir / "mimi-random.safetensors"
+    if not model.exists():
+        _child("random_model_once", str(model))
+    _child("fold_once", out)
+    _child("finish_once", inp, out)  # the manifest of a complete output
+    config = Path(workdir, f"n{n}", "run.yaml")
+    config.write_text(json.dumps({"input": inp, "output": out, "model": str(model), "files_per_shard": FILES_PER_SHARD,
+                                  "device": "cpu"}))  # JSON is YAML
+    _child("identity_once", str(config))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ,
+                                                                                    "PYTHONPATH": str(REPO_ROOT)})
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    log_tail = proc.stderr.read().decode(errors="replace")[-2000:]
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"the no-op run failed:\n{log_tail}")
+    return [{"n": n, "case": "mimi-tokenize run, nothing to do (the whole command)", "cli_s": wall,
+             "cli_cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024}]
+
+
+MEASUREMENTS = {"plan": measure_plan, "cli": measure_cli, "s3run": measure_s3run, "s3plan": measure_s3plan}
 
 
 def fit(rows: list[dict[str, Any]], case: str, key: str, at: int = 10**6) -> float | None:
@@ -406,7 +460,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| shards | case | listing s | load_records s | make_plan s | reads | listings | peak RSS MB |",
              "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        if "finish_s" in r:
+        if "cli_s" in r:
+            lines.append(f"| {r['n']:,} | {r['case']}: {r['cli_s']:.1f} s, {r['cli_cpu_s']:.1f} CPU s | | | | | | "
+                         f"{r['peak_rss_mb']:.0f} |")
+        elif "finish_s" in r:
             lines.append(f"| {r['n']:,} | {r['case']}: {r['finish_s']:.1f} s, {r['finish_cpu_s']:.1f} CPU s, index "
                          f"{r['index_mb']:.1f} MB, manifest {r['manifest_kb']:.1f} KB | | | | | | "
                          f"{r['peak_rss_mb']:.0f} |")

@@ -58,21 +58,22 @@ class Listed:
 
     def __init__(self, listed: pa.Table):
         named = pc.and_(pc.ends_with(listed.column("name"), ".json"), pc.is_valid(listed.column("version")))
-        self.names = listed.column("name").filter(named).combine_chunks()
-        self.versions = listed.column("version").filter(named).combine_chunks()
+        names, versions = listed.column("name"), listed.column("version")  # views (the usual case), not copies
+        self.names, self.versions = (names, versions) if pc.all(named).as_py() else (names.filter(named),
+                                                                                      versions.filter(named))
 
     def __len__(self) -> int:
         return len(self.names)
 
-    def holds(self, names: pa.Array, versions: pa.Array) -> pa.Array:
+    def holds(self, names: pa.Array | pa.ChunkedArray, versions: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
         """Whether each ``(name, version)`` is listed: one hash table of the listed names, then the versions compared
         (no joined keys: at 10^6 records they would cost 80 MB each side)."""
         at = pc.index_in(names, value_set=self.names)
         return pc.fill_null(pc.equal(versions, pc.take(self.versions, at)), False)
 
 
-def _json_names(listed: pa.Table) -> pa.Array:
-    return listed.column("name").filter(pc.ends_with(listed.column("name"), ".json")).combine_chunks()
+def _json_names(listed: pa.Table) -> pa.ChunkedArray:
+    return listed.column("name").filter(pc.ends_with(listed.column("name"), ".json"))
 
 
 def _scan(url: str, storage_options: dict[str, Any] | None, wanted: Listed,
@@ -84,13 +85,13 @@ def _scan(url: str, storage_options: dict[str, Any] | None, wanted: Listed,
         if not records.plain_types(parquet.schema_arrow.empty_table()).schema.equals(COLUMNS):
             raise ValueError(f"not a checkpoint of this version (columns {parquet.schema_arrow.names})")
         keys = parquet.read(columns=["name", "version"])
-        keep = wanted.holds(keys.column("name").combine_chunks(), keys.column("version").combine_chunks())
+        keep = wanted.holds(keys.column("name"), keys.column("version"))
         del keys
         pa.default_memory_pool().release_unused()  # the hash table's memory, back before the records are read
         start = 0
         for batch in parquet.iter_batches(batch_size=ROW_GROUP):
             kept = keep.slice(start, batch.num_rows)
-            take(batch if pc.all(kept).as_py() else batch.filter(kept))  # no copy where every row is kept
+            take(batch if pc.all(kept).as_py() else batch.filter(kept.combine_chunks()))  # no copy if all are kept
             start += batch.num_rows
 
 
@@ -117,15 +118,16 @@ def load(output_url: str, state_url: str, listed: pa.Table,
                             url, retry.brief(exc))
     del wanted
     names = _json_names(listed)
-    missing = names.filter(pc.invert(pc.is_in(names, value_set=table.column("name").combine_chunks())))
+    missing = names.filter(pc.invert(pc.is_in(names, value_set=table.column("name"))))
     fetched = [table for _, table in _read_files(state_url, storage_options, missing)]
     pa.default_memory_pool().release_unused()  # the checkpoint's read buffers, back to the system
     if not fetched:
         return records.RecordSet(table)
-    return records.RecordSet(pa.concat_tables([records.plain_types(table), *fetched]))
+    return records.RecordSet(pa.concat_tables([records.plain_types(table), *fetched]),
+                             fetched=sum(t.num_rows for t in fetched))
 
 
-def _read_files(state_url: str, storage_options: dict[str, Any] | None, names: pa.Array
+def _read_files(state_url: str, storage_options: dict[str, Any] | None, names: pa.Array | pa.ChunkedArray
                 ) -> Iterator[tuple[int, pa.Table]]:
     """The record files ``names`` in the folder ``state_url``, read and made columns :data:`READ_BATCH` at a time,
     each with the position in ``names`` of its batch's first (a file deleted since it was listed is left out)."""
@@ -170,8 +172,8 @@ def _fold(output_url: str, state_url: str, storage_options: dict[str, Any] | Non
         url = checkpoint_url(output_url, base)
         fs, path = storage.get_fs(url, storage_options)
         table = retry.call(pq.read_table, path, columns=["name", "version"], filesystem=fs, what=f"read {url}")
-        names = table.column("name").combine_chunks()
-        held = names.filter(wanted.holds(names, table.column("version").combine_chunks()))
+        names = table.column("name")
+        held = names.filter(wanted.holds(names, table.column("version")))
         if len(held) == len(names) == len(wanted):
             return None  # the newest checkpoint holds exactly the records listed now
     new = pc.invert(pc.is_in(wanted.names, value_set=held))

@@ -243,7 +243,7 @@ def file_matches(record: dict[str, Any], files: dict[str, int]) -> bool:
 def file_columns(files: Mapping[str, int]) -> tuple[pa.Array, pa.Array]:
     """The data files' names and sizes (``files``: name → size) as columns."""
     if isinstance(files, storage.Sizes):
-        return files.listing.column("name").combine_chunks(), files.listing.column("size").combine_chunks()
+        return files.columns()
     return pa.array(list(files), pa.string()), pa.array(list(files.values()), pa.int64())
 
 

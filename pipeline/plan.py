@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 
 from pipeline.manifest import file_columns, file_matches, files_match, is_done
 from pipeline.records import RecordSet
+from pipeline.storage import Lookup
 from pipeline.types import Shard
 
 CONTAINER_KINDS = ("webdataset", "parquet")
@@ -61,6 +62,12 @@ class Plan:
     changes: dict[str, Any] = field(default_factory=dict)  # for the manifest and `status`
     change: Mapping[str, str] = field(default_factory=dict)  # shard id → added / changed / removed / unchanged
     warnings: list[str] = field(default_factory=list)
+    unfolded: int = 0  # records read one by one, not from a checkpoint: a fold at the end saves the next plan these
+
+    def release_done(self) -> None:
+        """Let go of the done records (10^6 shards: about 340 MB) once the run's first manifest is built: the end of
+        the run reads them again from storage, the truth, and :attr:`change` keeps only their ids."""
+        self.done = RecordSet(self.done.table.schema.empty_table())
 
     @property
     def removed(self) -> list[Retire]:
@@ -81,9 +88,9 @@ def make_plan(shards: list[Shard], records: Mapping[str, dict[str, Any]], files:
     by_id = {s.shard_id: s for s in shards}
     kind = shards[0].kind if shards else "files"
     listed_ids = pa.array([s.shard_id for s in shards], pa.string())
-    record_ids = records.column("shard_id").combine_chunks()
+    usual = _done_as_listed(records, listed_ids, shards, files)
+    record_ids = records.column("shard_id")
     file_names = file_columns(files)[0]
-    usual = _done_as_listed(records, listed_ids, pa.array([s.digest for s in shards], pa.string()), files)
     others = dict(records.filter(pc.invert(usual)).items())  # not done, changed, retained, kept rows, damaged
     file_ids = pc.replace_substring_regex(file_names.filter(pc.ends_with(file_names, ".parquet")),
                                           pattern=r"\.parquet$", replacement="")
@@ -135,7 +142,7 @@ def make_plan(shards: list[Shard], records: Mapping[str, dict[str, Any]], files:
         uri = shard.uri if shard is not None else record["shard"]["uri"] if record else ""
         retire.append(Retire(shard_id, kind, uri, [] if prune else gone[shard_id]))
 
-    is_done_now = pc.is_in(listed_ids, value_set=done.column("shard_id").combine_chunks()).to_numpy(False)
+    is_done_now = pc.is_in(listed_ids, value_set=done.column("shard_id")).to_numpy(False)
     pending = [s for s, d in zip(shards, is_done_now) if not d]
     kept = {r.shard_id: r.keep for r in retire if r.keep and r.shard_id in by_id}
     pending_keys = {m.key for s in pending for m in s.members}
@@ -161,17 +168,20 @@ def make_plan(shards: list[Shard], records: Mapping[str, dict[str, Any]], files:
     }
     change = Changes({**dict.fromkeys(retained, "unchanged"), **{s: "removed" for s in old_records if s not in by_id},
                       **{s.shard_id: "changed" if s.shard_id in old_records else "added" for s in pending}}, done)
-    return Plan(shards, done, retained, pending, retire, kept, changes, change, warnings)
+    return Plan(shards, done, retained, pending, retire, kept, changes, change, warnings, records.fetched)
 
 
-def _done_as_listed(records: RecordSet, listed_ids: pa.Array, listed_digests: pa.Array, files: Mapping[str, int]
+def _done_as_listed(records: RecordSet, listed_ids: pa.Array, shards: list[Shard], files: Mapping[str, int]
                     ) -> pa.Array:
-    """Per record: whether it is done as the listing has its shard now (same digest), with its data file there at
-    the recorded size, and no kept rows (those are decided one by one)."""
+    """Per record: whether it is done as the listing (``shards``, whose ids are ``listed_ids``) has its shard now (same
+    digest), with its data file there at the recorded size, and no kept rows (those are decided one by one). One
+    step after another, so that the columns each makes (10^6 shards: about 100 MB) are not held at once."""
     column = records.column
-    digest = pc.take(listed_digests, pc.index_in(column("shard_id"), value_set=listed_ids))
-    usual = pc.and_(pc.and_(files_match(records, files), pc.equal(column("digest"), digest)),
+    usual = pc.and_(files_match(records, files),
                     pc.and_(pc.equal(column("status").cast(pa.string()), "done"), pc.equal(column("kept"), 0)))
+    at = pc.index_in(column("shard_id"), value_set=listed_ids)
+    digests = pa.array([s.digest for s in shards], pa.string())
+    usual = pc.and_(usual, pc.equal(column("digest"), pc.take(digests, at)))
     return usual.fill_null(False).combine_chunks()
 
 
@@ -180,12 +190,12 @@ class Changes(Mapping):
     are ``unchanged`` without an entry each."""
 
     def __init__(self, explicit: dict[str, str], done: RecordSet):
-        self.explicit, self.done = explicit, done
+        self.explicit, self.done_ids = explicit, done.column("shard_id")  # the done ids only: not the records' columns
+        self._lookup: Lookup | None = None
 
     def column(self, ids: pa.Array) -> pa.Array:
         """The change of each shard id in ``ids`` (null where there is none)."""
-        unchanged = pc.if_else(pc.is_in(ids, value_set=self.done.column("shard_id").combine_chunks()), "unchanged",
-                               pa.scalar(None, pa.string()))
+        unchanged = pc.if_else(pc.is_in(ids, value_set=self.done_ids), "unchanged", pa.scalar(None, pa.string()))
         if not self.explicit:
             return unchanged
         at = pc.index_in(ids, value_set=pa.array(list(self.explicit), pa.string()))
@@ -194,13 +204,15 @@ class Changes(Mapping):
     def __getitem__(self, shard_id: str) -> str:
         if shard_id in self.explicit:
             return self.explicit[shard_id]
-        if shard_id in self.done:
+        if self._lookup is None:
+            self._lookup = Lookup(self.done_ids)
+        if self._lookup.row(shard_id) is not None:
             return "unchanged"
         raise KeyError(shard_id)
 
     def __iter__(self) -> Iterator[str]:
         yield from self.explicit
-        yield from (s for s in self.done if s not in self.explicit)
+        yield from (s for s in self.done_ids.to_pylist() if s not in self.explicit)
 
     def __len__(self) -> int:
-        return len(self.explicit) + sum(1 for s in self.done if s not in self.explicit)
+        return len(self.explicit) + sum(1 for s in self.done_ids.to_pylist() if s not in self.explicit)

@@ -110,10 +110,12 @@ def plain_types(table: pa.Table) -> pa.Table:
 
 
 class RecordSet(Mapping):
-    """Records by shard id, held as columns (:data:`COLUMNS`); each is built as a dict when read. Immutable."""
+    """Records by shard id, held as columns (:data:`COLUMNS`); each is built as a dict when read. Immutable.
+    ``fetched``: how many were read from their own files rather than from a checkpoint (what a fold would save)."""
 
-    def __init__(self, table: pa.Table):
+    def __init__(self, table: pa.Table, fetched: int = 0):
         self.table = compact_types(table)
+        self.fetched = fetched
         self._schemas: dict[str, Any] = {}
         self._lookup: Lookup | None = None
 

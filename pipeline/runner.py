@@ -11,6 +11,7 @@ running the same command again, with nothing lost or duplicated.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import glob
 import json
 import logging
@@ -155,12 +156,23 @@ def checked_config(cfg: RunConfig) -> RunConfig:
 
 def list_shards(cfg: RunConfig) -> list[Shard]:
     """The input's listing cut into shards (:func:`pipeline.sources.discover_shards`); a bad input is a
-    :class:`RunError`."""
+    :class:`RunError`.
+
+    A million shards are millions of new objects, none in a reference cycle, that live for the whole run: the cyclic
+    garbage collector is paused while they are made (it would scan them again and again), and they are frozen out
+    of its later collections (:func:`gc.freeze`)."""
+    collecting = gc.isenabled()
+    gc.disable()
     try:
-        return discover_shards(cfg.input, files_per_shard=cfg.files_per_shard, max_shard_bytes=cfg.max_shard_bytes,
-                               storage_options=cfg.input_options())
+        shards = discover_shards(cfg.input, files_per_shard=cfg.files_per_shard,
+                                 max_shard_bytes=cfg.max_shard_bytes, storage_options=cfg.input_options())
     except (OSError, ValueError) as exc:
         raise RunError(f"cannot use input {manifest.redact(cfg.input)}: {exc}") from exc
+    finally:
+        if collecting:
+            gc.enable()
+    gc.freeze()
+    return shards
 
 
 def _input_schema(cfg: RunConfig, shards: list[Shard]) -> pa.Schema | None:
@@ -405,7 +417,9 @@ def run(cfg: RunConfig) -> int:
         final = _finished_manifest(cfg, plan)
         if final is None:
             final = _work(cfg, plan, model_files, output, schema, run_record, lock, session_start, compactor)
-        compactor.finish()  # the next run reads the checkpoint, not every record
+            compactor.finish()  # the next run reads the checkpoint, not every record
+        elif plan.unfolded:  # nothing to do, but records were read one by one: fold them for the next run
+            compactor.finish()  # (a plan that read every record from the newest checkpoint leaves it as it is)
     finally:
         if compactor is not None:
             compactor.finish(fold=False)
@@ -424,6 +438,7 @@ def _work(cfg: RunConfig, plan: Plan, model_files: ModelFiles, output: Output, s
     options = cfg.output_options()
     counters = Progress(_build_manifest(cfg, run_record, plan, plan.done.updated(plan.retained), session_start),
                         session_start)  # the entries go to the session's first index; then totals only
+    plan.release_done()  # read again at the end, from storage
     window_s = min(cfg.progress_interval_s, MANIFEST_WRITE_WINDOW_S)
     writer = manifest_writer(cfg.output, counters, output.writing, options, window_s)
 

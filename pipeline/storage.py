@@ -288,10 +288,11 @@ class Lookup:
 
 
 class Sizes(Mapping):
-    """File name → size in bytes, over a listing's columns (:func:`list_table`)."""
+    """File name → size in bytes, over a listing's columns (:func:`list_table`), each made one array once (so that
+    :meth:`columns` hands them out without a copy)."""
 
     def __init__(self, listing: pa.Table):
-        self.listing = listing
+        self.listing = listing.combine_chunks()
         self._lookup: Lookup | None = None
 
     def __len__(self) -> int:
@@ -299,6 +300,11 @@ class Sizes(Mapping):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.listing.column("name").to_pylist())
+
+    def columns(self) -> tuple[pa.Array, pa.Array]:
+        """The names and the sizes."""
+        return tuple(column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+                     for column in (self.listing.column("name"), self.listing.column("size")))
 
     def __getitem__(self, name: str) -> int:
         if self._lookup is None:

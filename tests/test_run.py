@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -22,7 +23,7 @@ import torch
 from audio_fixtures import FORMATS, corrupt_bytes, encode, write_audio, write_hub_parquet, write_tar
 from audio_fixtures import signal as tone
 from outputs import assert_codes_equal, read_output, reference_codes
-from pipeline import manifest
+from pipeline import manifest, storage
 from pipeline.cli import main
 from pipeline.config import RunConfig
 from pipeline.runner import run
@@ -53,7 +54,7 @@ def corpus(tmp_path_factory) -> Path:
     return root
 
 
-def test_end_to_end(corpus, tiny_model_path, tmp_path, caplog, capsys):
+def test_end_to_end(corpus, tiny_model_path, tmp_path, caplog, capsys, monkeypatch):
     out = str(tmp_path / "out")
     cfg = RunConfig(input=str(corpus), output=out, model=tiny_model_path, num_codebooks=8, files_per_shard=3,
                     batch_max_seconds=3.0, max_failure_share=0.5, progress_interval_s=0.5)
@@ -85,9 +86,19 @@ def test_end_to_end(corpus, tiny_model_path, tmp_path, caplog, capsys):
         np.testing.assert_array_equal(read_codes(row), rows[row["id"]])
         assert row["n_frames"] == len(row["codes"]) == int(np.ceil(row["duration_s"] * 12.5 - 1e-9))
 
-    # a second run on the finished output does nothing and leaves the manifest as it was
+    # a second run on the finished output does nothing and leaves the manifest as it was; it lists the records once
+    # (its plan reads them all from the checkpoint) and leaves the checkpoint as it is
     before = (tmp_path / "out" / "manifest.json").read_bytes()
+    checkpoints = tmp_path / "out" / "_state" / "checkpoints"
+    folded = sorted(checkpoints.iterdir())
+    listed, list_table = [], storage.list_table
+    monkeypatch.setattr(storage, "list_table", lambda url, *a, **kw: listed.append(url) or list_table(url, *a, **kw))
     assert run(cfg) == 0
+    assert [url.rpartition("/_state/")[2] for url in listed if "/_state/shards" in url] == ["shards"]
+    assert sorted(checkpoints.iterdir()) == folded
+    shutil.rmtree(checkpoints)  # records without a checkpoint: a run with nothing to do folds them for the next
+    assert run(cfg) == 0
+    assert len(list(checkpoints.iterdir())) == 1
     # ... and its exit code follows max_failure_share: 2 of 11 clips failed
     assert main(["run", "--input", str(corpus), "--output", out, "--model", tiny_model_path, "--files-per-shard", "3",
                  "--max-failure-share", "0.1"]) == 1
