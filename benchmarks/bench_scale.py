@@ -366,14 +366,15 @@ def measure_s3plan(workdir: Path, n: int) -> list[dict[str, Any]]:
 
 
 def identity_once(config: str) -> dict[str, Any]:
-    """Give the fabricated output the run identity ``config`` stores on first use (``_state/run.json``)."""
+    """Give the fabricated output the run identity of ``config`` (``_state/run.json``, as its first run stores it)."""
     from pipeline import manifest
     from pipeline.config import load_config
     from pipeline.model_files import load_model_files
 
     cfg = load_config(config)
     files = load_model_files(cfg.model, cfg.revision, cfg.num_codebooks)
-    manifest.init_run(cfg.output, manifest.make_run(cfg.to_dict(), files.provenance(), cfg.num_codebooks))
+    storage.write_json(storage.join(cfg.output, manifest.RUN_PATH),
+                       manifest.make_run(cfg.to_dict(), files.provenance(), cfg.num_codebooks))
     return {"model_sha256": files.sha256}
 
 

@@ -11,7 +11,6 @@ running the same command again, with nothing lost or duplicated.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import glob
 import json
 import logging
@@ -156,23 +155,12 @@ def checked_config(cfg: RunConfig) -> RunConfig:
 
 def list_shards(cfg: RunConfig) -> list[Shard]:
     """The input's listing cut into shards (:func:`pipeline.sources.discover_shards`); a bad input is a
-    :class:`RunError`.
-
-    A million shards are millions of new objects, none in a reference cycle, that live for the whole run: the cyclic
-    garbage collector is paused while they are made (it would scan them again and again), and they are frozen out
-    of its later collections (:func:`gc.freeze`)."""
-    collecting = gc.isenabled()
-    gc.disable()
+    :class:`RunError`."""
     try:
-        shards = discover_shards(cfg.input, files_per_shard=cfg.files_per_shard,
-                                 max_shard_bytes=cfg.max_shard_bytes, storage_options=cfg.input_options())
+        return discover_shards(cfg.input, files_per_shard=cfg.files_per_shard, max_shard_bytes=cfg.max_shard_bytes,
+                               storage_options=cfg.input_options())
     except (OSError, ValueError) as exc:
         raise RunError(f"cannot use input {manifest.redact(cfg.input)}: {exc}") from exc
-    finally:
-        if collecting:
-            gc.enable()
-    gc.freeze()
-    return shards
 
 
 def _input_schema(cfg: RunConfig, shards: list[Shard]) -> pa.Schema | None:

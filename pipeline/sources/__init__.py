@@ -16,6 +16,7 @@ outlasts the retry window is raised (the attempt fails, not the clip).
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 
 from pipeline import sharding
@@ -34,16 +35,26 @@ def discover_shards(input_url: str, *, files_per_shard: int = 256, max_shard_byt
     Audio files and manifest rows are grouped at most ``files_per_shard`` per shard and, for audio files, at most
     ``max_shard_bytes`` input bytes (a single larger file is a shard of its own); tars and Parquet files are one
     shard each.
+
+    A million shards are millions of new objects, none in a reference cycle: the cyclic garbage collector is paused
+    while they are made (it would scan them again and again: 10^6 manifest rows, 7 CPU s of 40).
     """
     if files_per_shard < 1:
         raise ValueError(f"files_per_shard must be >= 1, got {files_per_shard}")
-    listing = list_input(input_url, storage_options)
-    if listing.kind == "files":
-        shards = files.discover(listing, files_per_shard, max_shard_bytes)
-    elif listing.kind == "manifest":
-        shards = manifests.discover(listing, files_per_shard, storage_options)
-    else:
-        shards = [_container_shard(listing, path, size, version) for path, (size, version) in listing.files.items()]
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        listing = list_input(input_url, storage_options)
+        if listing.kind == "files":
+            shards = files.discover(listing, files_per_shard, max_shard_bytes)
+        elif listing.kind == "manifest":
+            shards = manifests.discover(listing, files_per_shard, storage_options)
+        else:
+            shards = [_container_shard(listing, path, size, version)
+                      for path, (size, version) in listing.files.items()]
+    finally:
+        if collecting:
+            gc.enable()
     _check_unique_ids(shards)
     return shards
 
